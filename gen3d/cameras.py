@@ -1,0 +1,84 @@
+"""Pinhole cameras: camera-to-world 4x4 in OpenGL axes (x right, y up, looking down -z), world Z up."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Cameras:
+    c2w: torch.Tensor  # [N, 4, 4]
+    fx: torch.Tensor  # [N]
+    fy: torch.Tensor
+    cx: torch.Tensor
+    cy: torch.Tensor
+    width: int
+    height: int
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    def to(self, device: torch.device | str) -> "Cameras":
+        t = lambda x: x.to(device)  # noqa: E731
+        return Cameras(t(self.c2w), t(self.fx), t(self.fy), t(self.cx), t(self.cy), self.width, self.height)
+
+    def __getitem__(self, index) -> "Cameras":
+        pick = lambda x: x[index].reshape(-1, *x.shape[1:])  # noqa: E731
+        return Cameras(pick(self.c2w), pick(self.fx), pick(self.fy), pick(self.cx), pick(self.cy),
+                       self.width, self.height)
+
+    def rays(self, cam: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """World-space rays through pixel positions (u right, v down, in pixels; +0.5 is a pixel centre)."""
+        x = (u - self.cx[cam]) / self.fx[cam]
+        y = -(v - self.cy[cam]) / self.fy[cam]  # image v grows downwards, camera y upwards
+        dirs_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
+        rot = self.c2w[cam, :3, :3]
+        dirs = torch.einsum("nij,nj->ni", rot, dirs_cam)
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        origins = self.c2w[cam, :3, 3]
+        return origins, dirs
+
+    def image_rays(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All rays of one camera through pixel centres, row-major [H*W]."""
+        dev = self.c2w.device
+        v, u = torch.meshgrid(torch.arange(self.height, device=dev, dtype=torch.float32) + 0.5,
+                              torch.arange(self.width, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
+        cam = torch.full((self.height * self.width,), index, device=dev, dtype=torch.long)
+        return self.rays(cam, u.reshape(-1), v.reshape(-1))
+
+
+def focal_from_fov(fov_x: float, width: int) -> float:
+    return 0.5 * width / math.tan(0.5 * fov_x)
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor, up=(0.0, 0.0, 1.0)) -> torch.Tensor:
+    """Camera-to-world matrix of a camera at ``eye`` looking at ``target``, world ``up`` kept up."""
+    forward = target - eye
+    forward = forward / forward.norm()
+    up_vec = torch.tensor(up, dtype=eye.dtype)
+    right = torch.linalg.cross(forward, up_vec)
+    if right.norm() < 1e-6:  # looking straight up or down: any right vector will do
+        right = torch.linalg.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype))
+    right = right / right.norm()
+    cam_up = torch.linalg.cross(right, forward)
+    c2w = torch.eye(4, dtype=eye.dtype)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, cam_up, -forward, eye
+    return c2w
+
+
+def orbit(n: int, radius: float, elevation_deg: float, fov_x: float, size: int,
+          center=(0.0, 0.0, 0.0)) -> Cameras:
+    """``n`` cameras on a turntable circle around ``center`` (Z up), for previews."""
+    target = torch.tensor(center, dtype=torch.float32)
+    elev = math.radians(elevation_deg)
+    poses = []
+    for i in range(n):
+        azim = 2 * math.pi * i / n
+        offset = torch.tensor([math.cos(azim) * math.cos(elev), math.sin(azim) * math.cos(elev), math.sin(elev)])
+        poses.append(look_at(target + radius * offset, target))
+    f = torch.full((n,), focal_from_fov(fov_x, size))
+    c = torch.full((n,), size / 2)
+    return Cameras(torch.stack(poses), f, f.clone(), c, c.clone(), size, size)

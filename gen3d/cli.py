@@ -1,0 +1,78 @@
+"""The ``gen3d`` command: ``run`` a recipe, list ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import Gen3DError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .trainer import Interrupted, run_recipe
+
+    recipe = load_recipe(Path(args.recipe), args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    try:
+        metrics = run_recipe(recipe, out, resume=args.resume, device=args.device, quiet=args.quiet)
+    except Interrupted as exc:
+        print(f"gen3d: {exc}", file=sys.stderr)
+        return 130
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(shown, indent=2))
+    print(f"run folder: {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_registry
+
+    registry = get_registry()
+    if args.json:
+        print(json.dumps([{"name": p.name, "version": p.version, "module": p.module,
+                           "provides": [{"kind": c.kind, "name": c.name, "description": c.description}
+                                        for c in p.components]}
+                          for p in registry.plugins()], indent=2))
+        return 0
+    for plugin in registry.plugins():
+        print(f"{plugin.name} {plugin.version} ({plugin.module})")
+        for c in plugin.components:
+            print(f"  {c.kind:<15} {c.name:<20} {c.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gen3d", description="Plugin-based 3D content generation.")
+    parser.add_argument("--version", action="version", version=f"gen3d {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe", description="Run a recipe YAML file.")
+    run.add_argument("recipe", help="recipe YAML file, e.g. recipes/nerf-reconstruct.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe settings")
+    run.add_argument("--out", help="run folder (default: runs/<recipe name>)")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="override the recipe's device")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    run.set_defaults(func=cmd_run)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and their components")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Gen3DError as exc:
+        print(f"gen3d: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

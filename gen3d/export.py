@@ -1,0 +1,130 @@
+"""From a field to files: marching cubes, vertex colours, clean-up, Z-up -> Y-up, atomic writes.
+
+The exporters themselves are plugins (kind ``exporter``); this module prepares the mesh and
+moves whatever an exporter wrote into the run folder only once it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from skimage import measure
+
+from .errors import ConfigError, Gen3DError
+from .plugins import get_component
+
+# glTF (by its specification), and OBJ as Blender imports it by default, are Y-up; our world is Z-up.
+Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+
+@dataclass
+class MeshSettings:
+    resolution: int = 256  # marching-cubes grid per axis
+    level: float = 25.0  # density level of the surface
+    min_component: float = 0.02  # drop pieces with fewer faces than this fraction of the largest
+    decimate: int | None = None  # target face count (needs the fast-simplification package)
+    formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.resolution <= 1024:
+            raise ValueError(f"resolution must be between 16 and 1024, got {self.resolution}")
+        if not self.level > 0:
+            raise ValueError(f"level must be positive, got {self.level}")
+
+
+def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
+    """Density sampled on a resolution^3 lattice spanning the field's box (corners included)."""
+    if hasattr(field, "density_volume"):
+        return field.density_volume(resolution).cpu().numpy()
+    aabb = field.aabb
+    axes = [torch.linspace(float(aabb[i]), float(aabb[i + 3]), resolution, device=aabb.device) for i in range(3)]
+    values = []
+    with torch.no_grad():
+        for x in axes[0]:  # one slab at a time keeps memory flat at any resolution
+            yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
+            points = torch.cat([x.expand(len(yz), 1), yz], dim=1)
+            values.append(torch.cat([field.density(p) for p in points.split(chunk)]).reshape(resolution, resolution))
+    return torch.stack(values).cpu().numpy()
+
+
+def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
+    """The surface where density crosses ``settings.level``, in world coordinates (Z up), coloured."""
+    volume = density_volume(field, settings.resolution)
+    if not (volume.min() < settings.level < volume.max()):
+        raise Gen3DError(f"no surface: the field's density ranges {volume.min():.3g}..{volume.max():.3g} "
+                         f"and never crosses the export level {settings.level}; train longer or set export.level")
+    aabb = field.aabb.detach().cpu().numpy().astype(np.float64)
+    spacing = (aabb[3:] - aabb[:3]) / (settings.resolution - 1)
+    # The field is dense inside: flip so marching cubes' normals point outwards.
+    verts, faces, _, _ = measure.marching_cubes(-volume, -settings.level, spacing=tuple(spacing))
+    verts = verts + aabb[:3]
+    mesh = trimesh.Trimesh(verts, faces, process=False)
+    mesh = keep_large_components(mesh, settings.min_component)
+    if settings.decimate and len(mesh.faces) > settings.decimate:
+        mesh = decimate(mesh, settings.decimate)
+    mesh.visual.vertex_colors = vertex_colors(field, mesh)
+    return mesh
+
+
+def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    sizes = np.bincount(labels)
+    keep = sizes[labels] >= min_fraction * sizes.max()
+    mesh.update_faces(keep)
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    try:
+        return mesh.simplify_quadric_decimation(face_count=faces)
+    except ImportError as exc:
+        raise ConfigError("export.decimate needs the fast-simplification package: "
+                          "pip install fast-simplification") from exc
+
+
+def vertex_colors(field, mesh: trimesh.Trimesh) -> np.ndarray:
+    device = field.aabb.device
+    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        if hasattr(field, "albedo"):
+            rgb = torch.cat([field.albedo(p) for p in points.split(1 << 18)])
+        else:  # look at each vertex from outside, along its normal
+            normals = torch.as_tensor(mesh.vertex_normals, dtype=torch.float32, device=device)
+            rgb = torch.cat([field(p, -n)[1] for p, n in zip(points.split(1 << 18), normals.split(1 << 18))])
+    rgba = np.concatenate([rgb.clamp(0, 1).cpu().numpy(), np.ones((len(points), 1))], axis=1)
+    return (rgba * 255 + 0.5).astype(np.uint8)
+
+
+def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, formats: list[str], stem: str = "mesh") -> list[Path]:
+    """Write ``mesh`` (Z up) in each format through the exporter plugins; returns the files written."""
+    writers = [(fmt, get_component("exporter", fmt, where="export.formats").factory(None)) for fmt in formats]
+    y_up = mesh.copy()
+    y_up.apply_transform(Z_UP_TO_Y_UP)
+    written = []
+    for fmt, write in writers:
+        # Each exporter writes into a scratch folder; files move into place only when all are done.
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".export-{fmt}-") as scratch:
+            write(y_up, Path(scratch) / f"{stem}.{fmt}")
+            for produced in sorted(Path(scratch).iterdir()):
+                target = Path(out_dir) / produced.name
+                os.replace(produced, target)
+                written.append(target)
+    return written
+
+
+def timed_export(field, settings: MeshSettings, out_dir: Path) -> tuple[trimesh.Trimesh, list[Path], float]:
+    began = time.perf_counter()
+    mesh = extract_mesh(field, settings)
+    files = export_mesh(mesh, out_dir, settings.formats)
+    return mesh, files, time.perf_counter() - began
+
+
+

@@ -1,0 +1,226 @@
+"""``nerf-reconstruct``: fit a radiance field to posed images, evaluate held-out views, export a mesh."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from gen3d import hookimpl
+from gen3d.cameras import orbit
+from gen3d.config import Choice, choice
+from gen3d.export import MeshSettings, timed_export
+from gen3d.io import atomic_path
+from gen3d.render import RenderSettings, VolumeRenderer
+from gen3d.specs import Component
+
+
+@dataclass
+class TrainSettings:
+    rays_per_step: int = 4096
+    # A random background colour per ray (when images have alpha) makes "empty" explicit:
+    # the field cannot paint background colour into space, so surfaces come out crisp.
+    random_background: bool = True
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # for evaluation and RGB data
+
+    def __post_init__(self) -> None:
+        if self.rays_per_step < 1:
+            raise ValueError(f"rays_per_step must be at least 1, got {self.rays_per_step}")
+        if len(self.background) != 3:
+            raise ValueError(f"background must be 3 numbers (RGB in 0..1), got {self.background}")
+
+
+@dataclass
+class PreviewSettings:
+    turntable_frames: int = 36
+    elevation: float = 25.0
+    test_images: int = 4  # predicted vs. ground truth, side by side
+
+
+@dataclass
+class ReconstructConfig:
+    data: Choice = choice("dataset", "nerf-synthetic")
+    representation: Choice = choice("representation", "grid-nerf")
+    render: RenderSettings = field(default_factory=RenderSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    export: MeshSettings = field(default_factory=MeshSettings)
+    preview: PreviewSettings = field(default_factory=PreviewSettings)
+    eval_views: int = 8  # held-out views used for the quick evaluations during training
+
+
+def component(choice_: Choice):
+    from gen3d.plugins import get_component
+
+    return get_component(choice_.kind, choice_.type)
+
+
+class Reconstruct:
+    def __init__(self, config: ReconstructConfig, run):
+        self.config, self.run = config, run
+        device = run.device
+        self.data = component(config.data).factory(config.data.config)
+        self.train_views = self.data.train.cameras.to(device)
+        images = self.data.train.images.to(device)
+        self.pixels = images.reshape(-1, 4)
+        self.image_size = images.shape[1:3]
+        aabb = self.data.aabb.to(device)
+        self.renderer = VolumeRenderer(aabb, config.render)
+        self.field = component(config.representation).factory(
+            config.representation.config, aabb=aabb, step_size=self.renderer.step_size)
+        self.optimizer = self.field.make_optimizer()
+        self.background = torch.tensor(config.train.background, device=device)
+        self.random_background = config.train.random_background and self.data.has_alpha
+        self.generator = torch.Generator(device=device).manual_seed(run.recipe.settings.seed)
+        run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
+                f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
+
+    # --- training ----------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, float]:
+        if self.field.grow(step):
+            self.optimizer = self.field.make_optimizer()
+        occupied = self.renderer.update_occupancy(self.field, step)
+        n = self.config.train.rays_per_step
+        device = self.pixels.device
+        index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
+        h, w = self.image_size
+        cam, pixel = index // (h * w), index % (h * w)
+        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
+        rgba = self.pixels[index]
+        if self.random_background:
+            background = torch.rand(n, 3, generator=self.generator, device=device)
+        else:
+            background = self.background.expand(n, 3)
+        target = rgba[:, :3] * rgba[:, 3:] + background * (1 - rgba[:, 3:])
+        out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
+        mse = torch.mean((out.rgb - target) ** 2)
+        loss = mse
+        extra = self.field.regularizer(step)
+        if extra is not None:
+            loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        metrics = {"loss": float(loss), "psnr": -10 * math.log10(max(float(mse), 1e-10)),
+                   "samples_per_ray": out.samples / n}
+        if occupied is not None:
+            metrics["occupied"] = occupied
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"field": self.field.state_dict_plain(), "optimizer": self.optimizer.state_dict(),
+                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.field.load_state_dict_plain(state["field"])
+        self.optimizer = self.field.make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.renderer.load_state_dict(state["renderer"])
+        self.generator.set_state(state["generator"])
+
+    # --- evaluation and outputs --------------------------------------------------------------
+
+    def render_view(self, cameras, index: int) -> np.ndarray:
+        origins, dirs = cameras.image_rays(index)
+        out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
+        return out.rgb.reshape(cameras.height, cameras.width, 3).clamp(0, 1).cpu().numpy()
+
+    def test_images(self, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        test = self.data.test
+        cameras = test.cameras.to(self.run.device)
+        count = len(test.names) if limit is None else min(limit, len(test.names))
+        bg = np.asarray(self.config.train.background, dtype=np.float32)
+        preds, truths = [], []
+        for i in range(count):
+            rgba = test.images[i].numpy()
+            truths.append(rgba[..., :3] * rgba[..., 3:] + bg * (1 - rgba[..., 3:]))
+            preds.append(self.render_view(cameras, i))
+        return preds, truths
+
+    def evaluate(self, limit: int | None = None) -> dict[str, float]:
+        preds, truths = self.test_images(self.config.eval_views if limit is None else limit)
+        if not preds:
+            return {}
+        return {"psnr_test": float(np.mean([psnr(p, t) for p, t in zip(preds, truths)]))}
+
+    def finish(self, train) -> dict:
+        metrics: dict = {}
+        preds, truths = self.test_images()
+        if preds:
+            from skimage.metrics import structural_similarity
+
+            metrics["psnr_test"] = round(float(np.mean([psnr(p, t) for p, t in zip(preds, truths)])), 3)
+            metrics["ssim_test"] = round(float(np.mean([structural_similarity(p, t, channel_axis=2, data_range=1.0)
+                                                        for p, t in zip(preds, truths)])), 4)
+            metrics["test_views"] = len(preds)
+            self.write_comparison(preds, truths)
+        metrics["samples_per_ray"] = round(train.last_metrics.get("samples_per_ray", float("nan")), 2)
+        metrics["renderer"] = self.renderer.path
+        mesh, files, seconds = timed_export(self.field, self.config.export, self.run.out_dir)
+        metrics.update(export_seconds=round(seconds, 2), mesh_vertices=len(mesh.vertices), mesh_faces=len(mesh.faces))
+        truth = self.data.ground_truth_mesh
+        if truth is not None:
+            metrics["chamfer"] = round(chamfer(mesh, truth), 5)
+        self.write_turntable()
+        self.run.hooks.gen3d_on_export(run=self.run, paths=files)
+        self.run.log("wrote " + ", ".join(p.name for p in files) + ", turntable.gif, test_views.png")
+        return metrics
+
+    def write_comparison(self, preds, truths) -> None:
+        k = min(self.config.preview.test_images, len(preds))
+        if k == 0:
+            return
+        grid = np.concatenate([np.concatenate(preds[:k], axis=1), np.concatenate(truths[:k], axis=1)], axis=0)
+        with atomic_path(self.run.path("test_views.png")) as tmp:
+            iio.imwrite(tmp, to_uint8(grid), extension=".png")
+
+    def write_turntable(self) -> None:
+        frames = self.config.preview.turntable_frames
+        if frames <= 0:
+            return
+        views = self.data.train.cameras
+        radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
+        fov = 2 * math.atan(0.5 * views.width / float(views.fx[0]))
+        center = ((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist()
+        cameras = orbit(frames, radius, self.config.preview.elevation, fov, max(views.width, 64), center)
+        cameras = cameras.to(self.run.device)
+        images = [to_uint8(self.render_view(cameras, i)) for i in range(frames)]
+        with atomic_path(self.run.path("turntable.gif")) as tmp:
+            iio.imwrite(tmp, np.stack(images), extension=".gif", duration=80, loop=0)
+
+
+def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(-10 * np.log10(max(float(np.mean((pred - truth) ** 2)), 1e-10)))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def chamfer(mesh, truth_path: Path, samples: int = 100_000, seed: int = 0) -> float:
+    """Symmetric Chamfer distance (mean of both directions' mean nearest-neighbour distance),
+    in units of the ground truth's bounding radius (half its bounding-box diagonal)."""
+    import trimesh
+
+    truth = trimesh.load(truth_path, force="mesh", process=False)
+    a, _ = trimesh.sample.sample_surface(mesh, samples, seed=seed)
+    b, _ = trimesh.sample.sample_surface(truth, samples, seed=seed + 1)
+    radius = 0.5 * float(np.linalg.norm(truth.bounds[1] - truth.bounds[0]))
+    d_ab = cKDTree(b).query(a)[0].mean()
+    d_ba = cKDTree(a).query(b)[0].mean()
+    return float(0.5 * (d_ab + d_ba) / radius)
+
+
+def build(config: ReconstructConfig, *, run) -> Reconstruct:
+    return Reconstruct(config, run)
+
+
+@hookimpl
+def gen3d_loops():
+    return [Component("nerf-reconstruct", build, ReconstructConfig,
+                      "fit a radiance field to posed images; PSNR on held-out views; mesh export")]
