@@ -44,7 +44,7 @@ class Context:
         p = Path(value).expanduser()
         if p.is_absolute():
             return p
-        return (Path.cwd() if key in self.cli_keys else self.base_dir) / p
+        return ((Path.cwd() if key in self.cli_keys else self.base_dir) / p).resolve()
 
 
 def fail(ctx: Context, key: str, message: str) -> ConfigError:
@@ -53,6 +53,8 @@ def fail(ctx: Context, key: str, message: str) -> ConfigError:
 
 def from_dict(cls: type, data: Any, ctx: Context, key: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, checking every key and type."""
+    if isinstance(data, cls):  # a default_factory default
+        return data
     if data is None:
         data = {}
     if not isinstance(data, dict):

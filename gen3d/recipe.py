@@ -85,7 +85,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw  # e.g. prompt=a: b -> keep the text as it was typed
+        value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # prompt=a cat: sitting is text, not a mapping
     return key, value
 
 
