@@ -1,0 +1,17 @@
+// Validate glTF/GLB files with the Khronos glTF validator; prints one JSON report line per file.
+// Usage: node validate_gltf.js FILE...   (exit status 1 if any file has errors)
+const fs = require('fs');
+const validator = require('gltf-validator');
+
+async function main(files) {
+  let failed = false;
+  for (const file of files) {
+    const report = await validator.validateBytes(new Uint8Array(fs.readFileSync(file)));
+    const issues = report.issues;
+    console.log(JSON.stringify({file, errors: issues.numErrors, warnings: issues.numWarnings,
+      messages: issues.messages.filter(m => m.severity === 0).slice(0, 5)}));
+    if (issues.numErrors > 0) failed = true;
+  }
+  process.exit(failed ? 1 : 0);
+}
+main(process.argv.slice(2)).catch(e => { console.error(e); process.exit(2); });
