@@ -111,6 +111,14 @@ class GridNeRF(nn.Module):
         cells = F.adaptive_max_pool3d(raw, resolution)[0, 0]
         return self._activate_density(cells)
 
+    @torch.no_grad()
+    def density_volume(self, resolution: int) -> torch.Tensor:
+        """Density on a resolution^3 lattice spanning the box: the same trilinear blend, upsampled at once."""
+        r = self.resolution
+        raw = self.table[:, 0].view(1, 1, r, r, r)
+        raw = F.interpolate(raw, size=(resolution,) * 3, mode="trilinear", align_corners=True)
+        return self._activate_density(raw[0, 0])
+
     # --- training support ------------------------------------------------------------
 
     def make_optimizer(self) -> torch.optim.Optimizer:
