@@ -27,7 +27,7 @@ Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]
 @dataclass
 class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
-    level: float = 25.0  # density level of the surface
+    level: float | None = None  # density level of the surface; None: the loop chooses (e.g. from depth)
     min_component: float = 0.02  # drop pieces with fewer faces than this fraction of the largest
     decimate: int | None = None  # target face count (needs the fast-simplification package)
     formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
@@ -35,7 +35,7 @@ class MeshSettings:
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= 1024:
             raise ValueError(f"resolution must be between 16 and 1024, got {self.resolution}")
-        if not self.level > 0:
+        if self.level is not None and not self.level > 0:
             raise ValueError(f"level must be positive, got {self.level}")
 
 
@@ -56,6 +56,8 @@ def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
 
 def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     """The surface where density crosses ``settings.level``, in world coordinates (Z up), coloured."""
+    if settings.level is None:
+        raise Gen3DError("export.level is not set and this recipe does not choose one: set export.level")
     volume = density_volume(field, settings.resolution)
     if not (volume.min() < settings.level < volume.max()):
         raise Gen3DError(f"no surface: the field's density ranges {volume.min():.3g}..{volume.max():.3g} "

@@ -39,7 +39,7 @@ class RenderSettings:
     occupancy_resolution: int = 64
     occupancy_every: int = 20  # steps between occupancy refreshes
     early_stop: float = 1e-4  # skip samples behind this transmittance (0 disables the extra pass)
-    occupancy_relative: float = 0.02  # a cell is occupied if alpha > this x the grid's 99th-percentile alpha
+    occupancy_relative: float = 0.05  # a cell is occupied if alpha > this x the grid's 99th-percentile alpha
     occupancy_min_alpha: float = 1e-3
 
     def __post_init__(self) -> None:

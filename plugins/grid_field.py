@@ -39,7 +39,9 @@ class GridNeRFConfig:
     tv_weight: float = 4e-4  # total variation on density and colour (sampled vertices)
     tv_every: int = 4
     tv_samples: int = 200_000
-    sparse: bool = True  # row-sparse gradients + SparseAdam (only touched vertices are updated)
+    # From this resolution on, gradients are row-sparse and SparseAdam updates only the vertices
+    # rays touched; below it a dense Adam is cheaper (few vertices, many samples per step early on).
+    sparse_from_resolution: int = 100
 
     def __post_init__(self) -> None:
         if len(self.upsample_at) != len(self.resolutions) - 1:
@@ -67,6 +69,7 @@ class GridNeRF(nn.Module):
     # --- lookups ---------------------------------------------------------------------
 
     def _corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the 8 corners of each point's cell and their trilinear weights."""
         r = self.resolution
         g = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0, 1) * (r - 1)
         i0 = g.floor().clamp(max=r - 2)
@@ -75,14 +78,14 @@ class GridNeRF(nn.Module):
         base = (i0[:, 0] * r + i0[:, 1]) * r + i0[:, 2]
         offsets = torch.tensor([(a * r + b) * r + c for a in (0, 1) for b in (0, 1) for c in (0, 1)],
                                device=x.device)
-        bits = torch.tensor([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], device=x.device)
-        w = torch.where(bits[None].bool(), f[:, None], 1 - f[:, None]).prod(dim=-1)  # [N,8]
+        wx, wy, wz = (torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3))
+        w = (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
         return base[:, None] + offsets[None], w
 
     def _lookup(self, x: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
         idx, w = self._corners(x)
         table = self.table if columns is None else self.table[:, columns]
-        sparse = self.config.sparse and columns is None and torch.is_grad_enabled()
+        sparse = self.sparse and columns is None and torch.is_grad_enabled()
         return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum", sparse=sparse)
 
     def _activate_density(self, raw: torch.Tensor) -> torch.Tensor:
@@ -121,8 +124,12 @@ class GridNeRF(nn.Module):
 
     # --- training support ------------------------------------------------------------
 
+    @property
+    def sparse(self) -> bool:
+        return self.resolution >= self.config.sparse_from_resolution
+
     def make_optimizer(self) -> torch.optim.Optimizer:
-        if self.config.sparse:
+        if self.sparse:
             return torch.optim.SparseAdam([self.table], lr=self.config.lr, betas=self.config.betas)
         return torch.optim.Adam([self.table], lr=self.config.lr, betas=self.config.betas)
 
@@ -153,7 +160,7 @@ class GridNeRF(nn.Module):
         ijk = torch.randint(0, r - 1, (n, 3), device=self.table.device)
         base = (ijk[:, 0] * r + ijk[:, 1]) * r + ijk[:, 2]
         idx = torch.stack([base, base + r * r, base + r, base + 1], dim=1)
-        values = F.embedding(idx, self.table, sparse=cfg.sparse)  # [n,4,C]
+        values = F.embedding(idx, self.table, sparse=self.sparse)  # [n,4,C]
         diffs = values[:, 1:] - values[:, :1]
         return cfg.tv_weight * diffs.pow(2).mean() * 3
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from gen3d import hookimpl
 from gen3d.cameras import orbit
 from gen3d.config import Choice, choice
+from gen3d.errors import Gen3DError
 from gen3d.export import MeshSettings, timed_export
 from gen3d.io import atomic_path
 from gen3d.render import RenderSettings, VolumeRenderer
@@ -106,7 +107,7 @@ class Reconstruct:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        metrics = {"loss": float(loss), "psnr": -10 * math.log10(max(float(mse), 1e-10)),
+        metrics = {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)),
                    "samples_per_ray": out.samples / n}
         if occupied is not None:
             metrics["occupied"] = occupied
@@ -161,7 +162,11 @@ class Reconstruct:
             self.write_comparison(preds, truths)
         metrics["samples_per_ray"] = round(train.last_metrics.get("samples_per_ray", float("nan")), 2)
         metrics["renderer"] = self.renderer.path
-        mesh, files, seconds = timed_export(self.field, self.config.export, self.run.out_dir)
+        settings = self.config.export
+        if settings.level is None:
+            settings = replace(settings, level=self.surface_level())
+        metrics["export_level"] = round(settings.level, 3)
+        mesh, files, seconds = timed_export(self.field, settings, self.run.out_dir)
         metrics.update(export_seconds=round(seconds, 2), mesh_vertices=len(mesh.vertices), mesh_faces=len(mesh.faces))
         truth = self.data.ground_truth_mesh
         if truth is not None:
@@ -170,6 +175,27 @@ class Reconstruct:
         self.run.hooks.gen3d_on_export(run=self.run, paths=files)
         self.run.log("wrote " + ", ".join(p.name for p in files) + ", turntable.gif, test_views.png")
         return metrics
+
+    @torch.no_grad()
+    def surface_level(self, rays: int = 16384) -> float:
+        """The density where rays through the object stop: the median density at the expected
+        depth of training rays that end up opaque. Used as the marching-cubes level, so the
+        mesh sits where the renderings put the surface, whatever the field's density scale."""
+        solid = (self.pixels[:, 3] > 0.99).nonzero().squeeze(1)
+        if len(solid) == 0:
+            raise Gen3DError("cannot choose export.level: the training images have no opaque pixels; set export.level")
+        pick = solid[torch.randint(len(solid), (min(rays, len(solid)),), generator=self.generator,
+                                   device=solid.device)]
+        h, w = self.image_size
+        cam, pixel = pick // (h * w), pick % (h * w)
+        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
+        out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
+        opaque = out.opacity > 0.95
+        if opaque.sum() < 16:
+            raise Gen3DError("cannot choose export.level: the field is not opaque where the images are; "
+                             "train longer or set export.level")
+        points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
+        return float(self.field.density(points).median())
 
     def write_comparison(self, preds, truths) -> None:
         k = min(self.config.preview.test_images, len(preds))
