@@ -88,4 +88,4 @@ def test_empty_field_is_a_clear_error():
             return torch.zeros(len(x))
 
     with pytest.raises(Gen3DError, match="never crosses the export level"):
-        extract_mesh(Empty(), MeshSettings(resolution=16))
+        extract_mesh(Empty(), MeshSettings(resolution=16, level=10.0))
