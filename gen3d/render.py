@@ -37,7 +37,7 @@ class RadianceField(Protocol):
 class RenderSettings:
     samples_per_diagonal: int = 160  # marching step = box diagonal / this
     occupancy_resolution: int = 64
-    occupancy_every: int = 20  # steps between occupancy refreshes
+    occupancy_every: int = 10  # steps between occupancy refreshes
     early_stop: float = 1e-4  # skip samples behind this transmittance (0 disables the extra pass)
     occupancy_relative: float = 0.05  # a cell is occupied if alpha > this x the grid's 99th-percentile alpha
     occupancy_min_alpha: float = 1e-3
