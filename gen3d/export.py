@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import trimesh
+from scipy import ndimage
 from skimage import measure
 
 from .errors import ConfigError, Gen3DError
@@ -29,6 +30,10 @@ class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
     level: float | None = None  # density level of the surface; None: the loop chooses (e.g. from depth)
     min_component: float = 0.02  # drop pieces with fewer faces than this fraction of the largest
+    # Space not reachable from outside through density below fill_fraction x level is inside:
+    # no inner shells, no holes where a thin shell's density stays under the level (0 disables).
+    fill_fraction: float = 0.25
+    fill_band: int = 4  # voxels next to the outside keep their density, so the surface stays at the level
     decimate: int | None = None  # target face count (needs the fast-simplification package)
     formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
 
@@ -62,6 +67,8 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     if not (volume.min() < settings.level < volume.max()):
         raise Gen3DError(f"no surface: the field's density ranges {volume.min():.3g}..{volume.max():.3g} "
                          f"and never crosses the export level {settings.level}; train longer or set export.level")
+    if settings.fill_fraction > 0:
+        volume = fill_interior(volume, settings.level, settings.fill_fraction * settings.level, settings.fill_band)
     aabb = field.aabb.detach().cpu().numpy().astype(np.float64)
     spacing = (aabb[3:] - aabb[:3]) / (settings.resolution - 1)
     # The field is dense inside: flip so marching cubes' normals point outwards.
@@ -73,6 +80,24 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
         mesh = decimate(mesh, settings.decimate)
     mesh.visual.vertex_colors = vertex_colors(field, mesh)
     return mesh
+
+
+def fill_interior(volume: np.ndarray, level: float, outside_level: float, band: int) -> np.ndarray:
+    """Raise above ``level`` everything farther than ``band`` voxels from the outside, where the
+    outside is what the box's border reaches through density below ``outside_level``.
+
+    A radiance field only needs density where rays stop, so a reconstructed solid is often a thin
+    shell whose peak density varies: marching cubes at one level would give an inner surface too,
+    and holes where the peak stays under the level. Taking "outside" as what a low level can reach
+    from the border, and the rest as solid, leaves one closed outer surface.
+    """
+    empty = volume < outside_level
+    labels, _ = ndimage.label(empty)
+    border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(),
+                                       labels[:, :, [0, -1]].ravel()]))
+    outside = np.isin(labels, border[border > 0])
+    deep = ~ndimage.binary_dilation(outside, iterations=band)
+    return np.where(deep, np.maximum(volume, 2 * level), volume)
 
 
 def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
