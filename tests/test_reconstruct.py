@@ -1,0 +1,103 @@
+"""The reconstruction recipe end to end on a small rendering of the toy object."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from conftest import ROOT, blender_import, validate_gltf
+from gen3d.io import load_checkpoint
+from gen3d.recipe import load_recipe
+from gen3d.trainer import run_recipe
+
+RECIPE = ROOT / "recipes" / "nerf-reconstruct.yaml"
+# Small and quick: the 32 px data set, coarse grids, a 64^3 export.
+SMALL = ["representation.resolutions=[24, 40]", "representation.upsample_at=[60]", "train.rays_per_step=1024",
+         "export.resolution=64", "preview.turntable_frames=4", "max_seconds=null", "checkpoint_every=50"]
+
+
+def small_recipe(data: Path, *extra: str):
+    return load_recipe(RECIPE, [f"data.path={data}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    metrics = run_recipe(small_recipe(small_dataset, "steps=200"), out, quiet=True)
+    return out, metrics
+
+
+@pytest.mark.slow
+def test_run_learns_and_writes_everything(finished_run):
+    out, metrics = finished_run
+    assert metrics["steps"] == 200
+    assert metrics["psnr_test"] > 24, metrics
+    assert metrics["chamfer"] < 0.05, metrics
+    assert metrics["samples_per_ray"] < 30  # empty space is skipped
+    for name in ("recipe.yaml", "metrics.json", "mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply",
+                 "turntable.gif", "test_views.png", "checkpoints/last.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["psnr_test"] == metrics["psnr_test"]
+
+
+@pytest.mark.slow
+def test_exported_mesh_is_where_the_object_is(finished_run, small_dataset):
+    out, _ = finished_run
+    truth = trimesh.load(small_dataset / "mesh.ply", process=False)  # Z up
+    glb = trimesh.load(out / "mesh.glb", force="mesh", process=False)  # Y up
+    z_up = glb.vertices @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # undo Z-up -> Y-up
+    assert np.allclose(z_up.min(0), truth.bounds[0], atol=0.1)
+    assert np.allclose(z_up.max(0), truth.bounds[1], atol=0.1)
+
+
+@pytest.mark.slow
+def test_reconstructed_glb_validates(finished_run, gltf_validator):
+    out, _ = finished_run
+    (report,) = validate_gltf([out / "mesh.glb"])
+    assert report["errors"] == 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.blender
+def test_blender_opens_the_reconstruction_upright_and_coloured(finished_run, small_dataset, blender):
+    out, _ = finished_run
+    truth = trimesh.load(small_dataset / "mesh.ply", process=False)
+    for report in blender_import(blender, [out / "mesh.glb", out / "mesh.obj"]):
+        assert np.allclose(report["min"], truth.bounds[0], atol=0.1), report
+        assert np.allclose(report["max"], truth.bounds[1], atol=0.1), report
+        assert report["color_std"] > 0.05, report
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_field(small_dataset, tmp_path):
+    straight = run_recipe(small_recipe(small_dataset, "steps=80", "export.formats=[ply]"), tmp_path / "a", quiet=True)
+    run_recipe(small_recipe(small_dataset, "steps=40", "export.formats=[ply]"), tmp_path / "b", quiet=True)
+    resumed = run_recipe(small_recipe(small_dataset, "steps=80", "export.formats=[ply]"), tmp_path / "b",
+                         resume=True, quiet=True)
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert resumed["psnr_test"] == pytest.approx(straight["psnr_test"], abs=0.01)
+
+
+def test_cli_errors_are_one_line(small_dataset, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gen3d", "run", str(RECIPE), *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+
+    for args, message in [
+        (["data.path=missing"], "data set folder not found"),
+        (["stpes=3"], "Did you mean 'steps'?"),
+        (["representation.type=hash-grid"], "Known representations: grid-nerf"),
+        ([f"data.path={small_dataset}", "render.samples_per_diagonal=2"], "samples_per_diagonal must be at least 8"),
+    ]:
+        proc = cli(*args, "--out", "x")
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
