@@ -22,6 +22,7 @@ from typing import Protocol
 import nerfacc
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 
 class RadianceField(Protocol):
@@ -189,6 +190,30 @@ class VolumeRenderer:
 
     def _render_batched(self, field, origins, dirs, background, stratified) -> RenderOutput:
         n_rays = origins.shape[0]
+        with record_function("gen3d.render.march"):
+            points, t_mid, flat, n_steps = self._march(origins, dirs, stratified)
+        if self.settings.early_stop > 0 and flat.numel():
+            with record_function("gen3d.render.early_stop"):
+                flat = self._drop_hidden(field, points, flat, n_rays, n_steps)
+        ray = flat // n_steps
+        with record_function("gen3d.render.field"):
+            sigma_kept, rgb_kept = field(points.view(-1, 3)[flat], dirs[ray])
+        with record_function("gen3d.render.composite"):
+            sigma = torch.zeros(n_rays * n_steps, device=origins.device, dtype=sigma_kept.dtype)
+            sigma = sigma.scatter(0, flat, sigma_kept).view(n_rays, n_steps)
+            t_starts = t_mid - 0.5 * self.step_size
+            weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_starts + self.step_size, sigma)
+            w = weights.view(-1)[flat]
+            rgb = torch.zeros(n_rays, 3, device=origins.device, dtype=rgb_kept.dtype)
+            rgb = rgb.index_add(0, ray, w[:, None] * rgb_kept)
+            opacity = weights.sum(dim=1)
+            depth = (weights * t_mid).sum(dim=1)
+            rgb = rgb + (1.0 - opacity)[:, None] * background
+        return RenderOutput(rgb, opacity, depth, int(flat.numel()))
+
+    def _march(self, origins, dirs, stratified):
+        """Fixed-step samples inside the box; the flat indices of those in occupied cells."""
+        n_rays = origins.shape[0]
         near, far = ray_aabb(origins, dirs, self.aabb)
         hit = far > near
         span = float((far - near)[hit].max()) if hit.any() else 0.0
@@ -199,21 +224,7 @@ class VolumeRenderer:
         points = origins[:, None] + t_mid[..., None] * dirs[:, None]
         keep = (t_mid < far[:, None]) & hit[:, None]
         keep &= self.occupancy.query(points)
-        flat = keep.view(-1).nonzero().squeeze(1)
-        if self.settings.early_stop > 0 and flat.numel():
-            flat = self._drop_hidden(field, points, flat, n_rays, n_steps)
-        ray = flat // n_steps
-        sigma_kept, rgb_kept = field(points.view(-1, 3)[flat], dirs[ray])
-        sigma = torch.zeros(n_rays * n_steps, device=origins.device, dtype=sigma_kept.dtype)
-        sigma = sigma.scatter(0, flat, sigma_kept).view(n_rays, n_steps)
-        t_starts = t_mid - 0.5 * self.step_size
-        weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_starts + self.step_size, sigma)
-        w = weights.view(-1)[flat]
-        rgb = torch.zeros(n_rays, 3, device=origins.device, dtype=rgb_kept.dtype).index_add(0, ray, w[:, None] * rgb_kept)
-        opacity = weights.sum(dim=1)
-        depth = (weights * t_mid).sum(dim=1)
-        rgb = rgb + (1.0 - opacity)[:, None] * background
-        return RenderOutput(rgb, opacity, depth, int(flat.numel()))
+        return points, t_mid, keep.view(-1).nonzero().squeeze(1), n_steps
 
     @torch.no_grad()
     def _drop_hidden(self, field, points, flat, n_rays, n_steps) -> torch.Tensor:

@@ -10,6 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from torch.profiler import record_function
 
 from gen3d import hookimpl
 from gen3d.cameras import orbit
@@ -27,6 +28,9 @@ class TrainSettings:
     # A random background colour per ray (when images have alpha) makes "empty" explicit:
     # the field cannot paint background colour into space, so surfaces come out crisp.
     random_background: bool = True
+    # Rays through random points of their pixel, not its centre: images are area-averaged
+    # (anti-aliased), so centre rays alone leave an error floor at every sharp edge.
+    pixel_jitter: bool = False
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # for evaluation and RGB data
 
     def __post_init__(self) -> None:
@@ -83,35 +87,51 @@ class Reconstruct:
     # --- training ----------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
-        if self.field.grow(step):
-            self.optimizer = self.field.make_optimizer()
-        occupied = self.renderer.update_occupancy(self.field, step)
-        n = self.config.train.rays_per_step
+        # record_function labels cost nothing unless a profiler runs (benchmarks/profile_step.py).
+        with record_function("gen3d.occupancy"):
+            if self.field.grow(step):
+                self.optimizer = self.field.make_optimizer()
+            occupied = self.renderer.update_occupancy(self.field, step)
+        with record_function("gen3d.rays"):
+            origins, dirs, target, background = self.sample_rays(self.config.train.rays_per_step)
+        with record_function("gen3d.render"):
+            out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
+            mse = torch.mean((out.rgb - target) ** 2)
+            loss = mse
+            extra = self.field.regularizer(step)
+            if extra is not None:
+                loss = loss + extra
+        with record_function("gen3d.backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("gen3d.optimizer"):
+            self.optimizer.step()
+        n = len(origins)
+        metrics = {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)),
+                   "samples_per_ray": out.samples / n}
+        if occupied is not None:
+            metrics["occupied"] = occupied
+        return metrics
+
+    def sample_rays(self, n: int):
+        """Random training pixels: rays, target colours composited on each ray's background."""
         device = self.pixels.device
         index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
         h, w = self.image_size
         cam, pixel = index // (h * w), index % (h * w)
-        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
+        if self.config.train.pixel_jitter:
+            offset = torch.rand(n, 2, generator=self.generator, device=device)
+        else:
+            offset = torch.full((n, 2), 0.5, device=device)
+        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + offset[:, 0],
+                                              (pixel // w).float() + offset[:, 1])
         rgba = self.pixels[index]
         if self.random_background:
             background = torch.rand(n, 3, generator=self.generator, device=device)
         else:
             background = self.background.expand(n, 3)
         target = rgba[:, :3] * rgba[:, 3:] + background * (1 - rgba[:, 3:])
-        out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
-        mse = torch.mean((out.rgb - target) ** 2)
-        loss = mse
-        extra = self.field.regularizer(step)
-        if extra is not None:
-            loss = loss + extra
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        metrics = {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)),
-                   "samples_per_ray": out.samples / n}
-        if occupied is not None:
-            metrics["occupied"] = occupied
-        return metrics
+        return origins, dirs, target, background
 
     def state_dict(self) -> dict:
         return {"field": self.field.state_dict_plain(), "optimizer": self.optimizer.state_dict(),

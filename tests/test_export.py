@@ -89,3 +89,19 @@ def test_empty_field_is_a_clear_error():
 
     with pytest.raises(Gen3DError, match="never crosses the export level"):
         extract_mesh(Empty(), MeshSettings(resolution=16, level=10.0))
+
+
+def test_hollow_shell_gives_one_outer_surface():
+    """A field that is dense only in a thin shell (as NeRF leaves solids) exports its outside only."""
+
+    class Shell(Ellipsoid):
+        def density(self, x):
+            r = x.norm(dim=-1)
+            return 60 * torch.exp(-((r - 0.6) / 0.04) ** 2) * (1 - 0.6 * (x[:, 2] > 0.5).float())  # weak cap
+
+    mesh = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0))
+    radii = np.linalg.norm(mesh.vertices, axis=1)
+    assert radii.min() > 0.55  # no inner surface at r ~ 0.57
+    assert mesh.is_watertight  # the weak cap (peak 24 < level 30) is closed, not a hole
+    plain = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0, fill_fraction=0.0))
+    assert np.linalg.norm(plain.vertices, axis=1).min() < 0.58  # without filling: inner shell too
