@@ -159,6 +159,11 @@ def _scalar(tp: Any, value: Any, ctx: Context, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 4e-4 (no dot) as text; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise fail(ctx, key, f"expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -102,3 +102,8 @@ def test_malformed_overrides(text):
 
 def test_override_value_with_colon_stays_text():
     assert parse_override("prompt=a cat: sitting") == ("prompt", "a cat: sitting")
+
+
+def test_exponent_without_dot_is_a_number():
+    recipe = load_recipe(RECIPE, ["representation.tv_weight=4e-4"])
+    assert recipe.loop.representation.config.tv_weight == 4e-4
