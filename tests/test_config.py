@@ -25,7 +25,7 @@ def test_shipped_recipe_resolves_with_defaults():
     # Paths in the YAML resolve against the recipe's folder.
     assert recipe.loop.data.config.path == (ROOT / "assets" / "toy").resolve()
     data = recipe.to_dict()
-    assert data["steps"] == 1000 and data["data"]["type"] == "nerf-synthetic"
+    assert data["steps"] == 2000 and data["data"]["type"] == "nerf-synthetic"
 
 
 def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):

@@ -78,11 +78,11 @@ class FitSphere:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def evaluate(self):
-        return {"radius_error": abs(float(self.field.radius) - self.config.target_radius)}
+        return {"radius_error": abs(self.field.radius.item() - self.config.target_radius)}
 
     def finish(self, train):
         mesh, files, seconds = timed_export(self.field, self.config.export, self.run.out_dir)
-        return {"radius": float(self.field.radius), "files": sorted(p.name for p in files), **self.evaluate()}
+        return {"radius": self.field.radius.item(), "files": sorted(p.name for p in files), **self.evaluate()}
 
 
 def write_xyz(mesh, path):
