@@ -152,6 +152,3 @@ def timed_export(field, settings: MeshSettings, out_dir: Path) -> tuple[trimesh.
     mesh = extract_mesh(field, settings)
     files = export_mesh(mesh, out_dir, settings.formats)
     return mesh, files, time.perf_counter() - began
-
-
-
