@@ -50,10 +50,10 @@ def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
         return field.density_volume(resolution).cpu().numpy()
     aabb = field.aabb
     axes = [torch.linspace(float(aabb[i]), float(aabb[i + 3]), resolution, device=aabb.device) for i in range(3)]
+    yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
     values = []
     with torch.no_grad():
         for x in axes[0]:  # one slab at a time keeps memory flat at any resolution
-            yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
             points = torch.cat([x.expand(len(yz), 1), yz], dim=1)
             values.append(torch.cat([field.density(p) for p in points.split(chunk)]).reshape(resolution, resolution))
     return torch.stack(values).cpu().numpy()

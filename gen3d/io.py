@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import Gen3DError
 
@@ -100,7 +100,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             skeleton = json.loads(f.metadata()["gen3d"])
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:
         raise Gen3DError(f"checkpoint {path} cannot be read ({exc}); delete it or run without --resume") from exc
     return _join(skeleton, tensors)

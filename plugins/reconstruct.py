@@ -18,6 +18,7 @@ from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
 from gen3d.export import MeshSettings, timed_export
 from gen3d.io import atomic_path
+from gen3d.plugins import get_component
 from gen3d.render import RenderSettings, VolumeRenderer
 from gen3d.specs import Component
 
@@ -59,8 +60,6 @@ class ReconstructConfig:
 
 
 def component(choice_: Choice):
-    from gen3d.plugins import get_component
-
     return get_component(choice_.kind, choice_.type)
 
 

@@ -75,32 +75,33 @@ def test_unknown_loop_error_lists_known_names_from_cli(site, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_duplicate_component_names_are_rejected():
+@pytest.fixture
+def register():
+    """Register plugin objects in this process for one test."""
+    yield plugins.register
+    plugins.unregister_all_extra()
+
+
+def test_duplicate_component_names_are_rejected(register):
     class Dup:
         @gen3d.hookimpl
         def gen3d_exporters(self):
             return [Component("glb", lambda config: None, None, "another glb")]
 
-    plugins.register(Dup())
-    try:
-        with pytest.raises(Gen3DError, match="two plugins provide the exporter 'glb'"):
-            plugins.get_registry()
-    finally:
-        plugins.unregister_all_extra()
+    register(Dup())
+    with pytest.raises(Gen3DError, match="two plugins provide the exporter 'glb'"):
+        plugins.get_registry()
 
 
-def test_misspelt_hook_is_reported():
+def test_misspelt_hook_is_reported(register):
     class Typo:
         @gen3d.hookimpl
         def gen3d_representation(self):  # missing the final 's'
             return []
 
-    plugins.register(Typo())
-    try:
-        with pytest.raises(Gen3DError, match="unknown hook.*gen3d_representation"):
-            plugins.get_registry()
-    finally:
-        plugins.unregister_all_extra()
+    register(Typo())
+    with pytest.raises(Gen3DError, match="unknown hook.*gen3d_representation"):
+        plugins.get_registry()
 
 
 def test_bad_component_names_are_refused():
