@@ -82,3 +82,34 @@ def orbit(n: int, radius: float, elevation_deg: float, fov_x: float, size: int,
     f = torch.full((n,), focal_from_fov(fov_x, size))
     c = torch.full((n,), size / 2)
     return Cameras(torch.stack(poses), f, f.clone(), c, c.clone(), size, size)
+
+
+@dataclass
+class ViewSample:
+    """Random cameras around an object, with the angles prompts are conditioned on."""
+
+    cameras: Cameras
+    azimuth: torch.Tensor  # [N] degrees, 0 = looking along -x from +x (the object's front), ccw from above
+    elevation: torch.Tensor  # [N] degrees above the horizon
+    distance: torch.Tensor  # [N]
+
+
+def random_views(n: int, size: int, elevation: tuple[float, float], azimuth: tuple[float, float],
+                 distance: tuple[float, float], fov: tuple[float, float], generator: torch.Generator,
+                 center=(0.0, 0.0, 0.0)) -> ViewSample:
+    """``n`` cameras looking at ``center`` with angles, distances and fields of view uniform in the ranges."""
+
+    def uniform(bounds: tuple[float, float]) -> torch.Tensor:
+        low, high = bounds
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    elev, azim, dist, fov_deg = uniform(elevation), uniform(azimuth), uniform(distance), uniform(fov)
+    target = torch.tensor(center, dtype=torch.float32)
+    poses = []
+    for e, a, d in zip(torch.deg2rad(elev), torch.deg2rad(azim), dist):
+        offset = torch.stack([torch.cos(a) * torch.cos(e), torch.sin(a) * torch.cos(e), torch.sin(e)])
+        poses.append(look_at(target + d * offset, target))
+    focal = 0.5 * size / torch.tan(0.5 * torch.deg2rad(fov_deg))
+    c = torch.full((n,), size / 2)
+    cameras = Cameras(torch.stack(poses), focal, focal.clone(), c, c.clone(), size, size)
+    return ViewSample(cameras, (azim + 180) % 360 - 180, elev, dist)

@@ -58,6 +58,10 @@ class RenderOutput:
     opacity: torch.Tensor  # [R]
     depth: torch.Tensor  # [R], expected distance along the ray
     samples: int  # field evaluations made
+    # Per evaluated sample, in the order the field (or shader) saw them: compositing weight and
+    # ray index. Loops use them for per-sample regularisers (e.g. DreamFusion's orientation loss).
+    weights: torch.Tensor | None = None
+    ray_index: torch.Tensor | None = None
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +179,18 @@ class VolumeRenderer:
             self.occupancy.occupied = state["occupied"].to(self.aabb.device)
 
     def render(self, field: RadianceField, origins: torch.Tensor, dirs: torch.Tensor,
-               background: torch.Tensor, stratified: bool = False) -> RenderOutput:
+               background: torch.Tensor, stratified: bool = False, shader=None) -> RenderOutput:
+        """Render rays; ``background`` is [3] or per ray [R,3].
+
+        ``shader(points, dirs, ray_index) -> (sigma, rgb)`` replaces ``field(points, dirs)`` for
+        the samples that are evaluated: loops use it for shading modes (Lambertian, textureless).
+        The occupancy structure still comes from ``field.density``.
+        """
+        if shader is None:
+            shader = lambda points, d, ray_index: field(points, d)  # noqa: E731
         if self.packed:
-            return self._render_packed(field, origins, dirs, background, stratified)
-        return self._render_batched(field, origins, dirs, background, stratified)
+            return self._render_packed(field, origins, dirs, background, stratified, shader)
+        return self._render_batched(field, origins, dirs, background, stratified, shader)
 
     def render_chunked(self, field: RadianceField, origins: torch.Tensor, dirs: torch.Tensor,
                        background: torch.Tensor, chunk: int = 1 << 14) -> RenderOutput:
@@ -190,7 +202,7 @@ class VolumeRenderer:
         return RenderOutput(torch.cat([o.rgb for o in outs]), torch.cat([o.opacity for o in outs]),
                             torch.cat([o.depth for o in outs]), sum(o.samples for o in outs))
 
-    def _render_batched(self, field, origins, dirs, background, stratified) -> RenderOutput:
+    def _render_batched(self, field, origins, dirs, background, stratified, shader) -> RenderOutput:
         n_rays = origins.shape[0]
         with record_function("gen3d.render.march"):
             points, t_mid, flat, n_steps = self._march(origins, dirs, stratified)
@@ -199,7 +211,7 @@ class VolumeRenderer:
                 flat = self._drop_hidden(field, points, flat, n_rays, n_steps)
         ray = flat // n_steps
         with record_function("gen3d.render.field"):
-            sigma_kept, rgb_kept = field(points.view(-1, 3)[flat], dirs[ray])
+            sigma_kept, rgb_kept = shader(points.view(-1, 3)[flat], dirs[ray], ray)
         with record_function("gen3d.render.composite"):
             sigma = torch.zeros(n_rays * n_steps, device=origins.device, dtype=sigma_kept.dtype)
             sigma = sigma.scatter(0, flat, sigma_kept).view(n_rays, n_steps)
@@ -211,7 +223,7 @@ class VolumeRenderer:
             opacity = weights.sum(dim=1)
             depth = (weights * t_mid).sum(dim=1)
             rgb = rgb + (1.0 - opacity)[:, None] * background
-        return RenderOutput(rgb, opacity, depth, int(flat.numel()))
+        return RenderOutput(rgb, opacity, depth, int(flat.numel()), w, ray)
 
     def _march(self, origins, dirs, stratified):
         """Fixed-step samples inside the box; the flat indices of those in occupied cells."""
@@ -237,7 +249,7 @@ class VolumeRenderer:
         transmittance = torch.exp(-(torch.cumsum(optical, dim=1) - optical))
         return flat[transmittance.view(-1)[flat] > self.settings.early_stop]
 
-    def _render_packed(self, field, origins, dirs, background, stratified) -> RenderOutput:
+    def _render_packed(self, field, origins, dirs, background, stratified, shader) -> RenderOutput:
         near, far = ray_aabb(origins, dirs, self.aabb)
 
         def sigma_fn(t_starts, t_ends, ray_indices):
@@ -246,7 +258,7 @@ class VolumeRenderer:
 
         def rgb_sigma_fn(t_starts, t_ends, ray_indices):
             x = origins[ray_indices] + dirs[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
-            sigma, rgb = field(x, dirs[ray_indices])
+            sigma, rgb = shader(x, dirs[ray_indices], ray_indices)
             return rgb, sigma
 
         self.estimator.train(stratified)  # nerfacc only jitters samples in training mode
@@ -254,7 +266,8 @@ class VolumeRenderer:
             origins, dirs, sigma_fn=sigma_fn, t_min=near, t_max=far.clamp_min(near),
             render_step_size=self.step_size, stratified=stratified,
             early_stop_eps=self.settings.early_stop)
-        rgb, opacity, depth, _ = nerfacc.rendering(
+        rgb, opacity, depth, extras = nerfacc.rendering(
             t_starts, t_ends, ray_indices, n_rays=origins.shape[0], rgb_sigma_fn=rgb_sigma_fn,
             render_bkgd=background)
-        return RenderOutput(rgb, opacity[:, 0], depth[:, 0], int(ray_indices.numel()))
+        return RenderOutput(rgb, opacity[:, 0], depth[:, 0], int(ray_indices.numel()),
+                            extras["weights"], ray_indices)

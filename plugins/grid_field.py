@@ -35,6 +35,10 @@ class GridNeRFConfig:
     upsample_at: list[int] = field(default_factory=lambda: [150, 350])  # steps where the next resolution starts
     sh_degree: int = 1  # 0: view-independent colour; 1: 4 coefficients per channel
     init_alpha: float = 0.01  # alpha of one marching step at initialisation
+    # DreamFusion's density blob: extra density blob_density * (1 - r / blob_radius) near the box
+    # centre (r relative to the box's half size), so text-to-3D starts from an object, not fog.
+    blob_density: float = 0.0
+    blob_radius: float = 0.5
     lr: float = 0.1  # colour coefficients
     density_lr: float = 1.0  # raw density: softplus is linear up high, so opaque needs big moves
     betas: tuple[float, float] = (0.9, 0.99)
@@ -52,6 +56,8 @@ class GridNeRFConfig:
             raise ValueError(f"sh_degree must be 0 or 1, got {self.sh_degree}")
         if not 0 < self.init_alpha < 1:
             raise ValueError(f"init_alpha must be between 0 and 1, got {self.init_alpha}")
+        if self.blob_density < 0 or self.blob_radius <= 0:
+            raise ValueError("blob_density must be >= 0 and blob_radius > 0")
 
 
 class GridNeRF(nn.Module):
@@ -64,6 +70,18 @@ class GridNeRF(nn.Module):
         self.shift = math.log(math.expm1(sigma0))  # softplus(0 + shift) = sigma0
         self.resolution = config.resolutions[0]
         self.table = nn.Parameter(torch.zeros(self.resolution ** 3, 1 + 3 * self.n_sh, device=aabb.device))
+        if config.blob_density > 0:
+            with torch.no_grad():
+                self.table[:, 0] = self._blob_raw(sigma0)
+
+    def _blob_raw(self, sigma0: float) -> torch.Tensor:
+        """Raw density values at the vertices giving sigma0 plus the centre blob."""
+        r = self.resolution
+        unit = torch.linspace(-1.0, 1.0, r, device=self.aabb.device)
+        grid = torch.stack(torch.meshgrid(unit, unit, unit, indexing="ij"), dim=-1).reshape(-1, 3)
+        distance = grid.norm(dim=-1) / self.config.blob_radius
+        sigma = sigma0 + self.config.blob_density * (1 - distance).clamp_min(0)
+        return torch.log(torch.expm1(sigma)) - self.shift
 
     # --- lookups ---------------------------------------------------------------------
 
@@ -99,6 +117,28 @@ class GridNeRF(nn.Module):
         coeffs = values[:, 1:].view(-1, 3, self.n_sh)
         rgb = torch.sigmoid((coeffs * sh_basis(d, self.n_sh)[:, None]).sum(-1))
         return sigma, rgb
+
+    def normals(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit outward normals -grad(density)/|grad(density)|, differentiable w.r.t. the grid.
+
+        Exact for the trilinear blend: the derivative along an axis swaps that axis's weights
+        (1 - f, f) for (-1, 1). Softplus is monotonic, so the raw value's gradient has the same
+        direction as the density's.
+        """
+        r = self.resolution
+        extent = self.aabb[3:] - self.aabb[:3]
+        g = ((x - self.aabb[:3]) / extent).clamp(0, 1) * (r - 1)
+        f = g - g.floor().clamp(max=r - 2)
+        idx, _ = self._corners(x)
+        w = [torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3)]
+        dw = torch.tensor([-1.0, 1.0], device=x.device).expand(len(x), 2)
+        derivs = []
+        for axis in range(3):
+            wx, wy, wz = (dw if k == axis else w[k] for k in range(3))
+            derivs.append((wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8))
+        raw = TrilinearLookup.apply(self.table, idx.repeat(3, 1), torch.cat(derivs))[:, 0]
+        grad = raw.view(3, -1).t() * ((r - 1) / extent)
+        return -F.normalize(grad, dim=-1, eps=1e-8)
 
     def albedo(self, x: torch.Tensor) -> torch.Tensor:
         """View-independent colour (the SH DC term), for mesh vertex colours."""

@@ -1,0 +1,112 @@
+"""Tiny random-initialised models in the real formats, written with ``save_pretrained``.
+
+They let tests, benchmarks and new users exercise the exact loading and guidance code a real
+checkpoint goes through, on a CPU and with no download. Their outputs are meaningless (random
+weights): they check plumbing, shapes and speed, not quality.
+
+    python -m gen3d.tiny_models stable-diffusion DIR   # a diffusers Stable Diffusion folder
+    python -m gen3d.tiny_models clip DIR               # a transformers CLIP folder
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (CLIP's tokenizer uses it too)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 77):
+    """A byte-level CLIP tokenizer with no merges: every character is a token. Needs no download."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_text_config(vocab_size: int, hidden: int = 32, max_length: int = 77):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=max_length, projection_dim=hidden,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 16,
+                               in_channels: int = 4, prediction_type: str = "epsilon") -> Path:
+    """A Stable-Diffusion-shaped pipeline folder (model_index.json, unet, vae, text_encoder,
+    tokenizer, scheduler). Images are ``latent_size * 2`` pixels (the VAE downsamples twice)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(folder / "tokenizer")
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer)))
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=32, sample_size=latent_size * 2)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A transformers CLIP folder: model, tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(folder)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=32)
+    config = CLIPConfig(text_config=tiny_text_config(len(tokenizer)).to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=32)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}) \
+        .save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main(argv: list[str]) -> int:
+    makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip}
+    if len(argv) != 2 or argv[0] not in makers:
+        print(f"usage: python -m gen3d.tiny_models {{{','.join(makers)}}} DIR", file=sys.stderr)
+        return 2
+    print(makers[argv[0]](Path(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

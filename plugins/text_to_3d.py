@@ -1,0 +1,359 @@
+"""``text-to-3d``: optimise a radiance field so its renderings satisfy a text guidance (DreamFusion).
+
+Each step renders a few random views of the field (random elevation, azimuth, distance and
+field of view around the object), shades them in one of DreamFusion's modes (albedo,
+Lambertian under a random light near the camera, or textureless: white albedo, so the
+guidance must be satisfied by geometry alone), composites a background (learned from the ray
+direction, solid, or a random colour per view), asks the guidance component for a loss on the
+images with view-dependent prompts, adds regularisers (opacity sparsity, opacity entropy,
+orientation of normals towards the camera) and steps the field's optimiser.
+
+The loop works with any representation that renders colour and opacity; Lambertian shading
+and the orientation loss use ``field.normals(x)`` when the field has it, else finite
+differences of its density.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen3d import hookimpl
+from gen3d.cameras import orbit, random_views
+from gen3d.config import Choice, choice
+from gen3d.errors import ConfigError, Gen3DError
+from gen3d.export import MeshSettings, timed_export
+from gen3d.io import atomic_path
+from gen3d.plugins import get_component
+from gen3d.prompts import ViewPrompts, view_prompts
+from gen3d.render import RenderSettings, VolumeRenderer
+from gen3d.specs import Component
+
+
+@dataclass
+class CameraSampling:
+    sizes: list[int] = field(default_factory=lambda: [64])  # rendered image side per stage
+    size_at: list[int] = field(default_factory=list)  # steps where the next size starts
+    batch: int = 1  # views per step
+    elevation: list[float] = field(default_factory=lambda: [-10.0, 60.0])  # degrees
+    azimuth: list[float] = field(default_factory=lambda: [-180.0, 180.0])  # degrees, 0 = front (+x)
+    distance: list[float] = field(default_factory=lambda: [1.5, 2.0])  # in units of the box half-size
+    fov: list[float] = field(default_factory=lambda: [40.0, 70.0])  # degrees
+
+    def __post_init__(self) -> None:
+        if len(self.size_at) != len(self.sizes) - 1:
+            raise ValueError(f"size_at needs {len(self.sizes) - 1} steps for {len(self.sizes)} sizes")
+        if any(s < 8 for s in self.sizes) or self.batch < 1:
+            raise ValueError("sizes must be at least 8 pixels and batch at least 1")
+        for name in ("elevation", "azimuth", "distance", "fov"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or bounds[0] > bounds[1]:
+                raise ValueError(f"{name} must be a range [low, high], got {bounds}")
+        if self.distance[0] <= 0 or not 0 < self.fov[0] and self.fov[1] < 180:
+            raise ValueError("distance must be positive and fov within (0, 180) degrees")
+
+    def size_at_step(self, step: int) -> int:
+        return self.sizes[sum(step >= s for s in self.size_at)]
+
+
+@dataclass
+class Shading:
+    # Probabilities of the modes after the albedo-only warm-up (Lambertian gets the rest).
+    albedo: float = 0.25
+    textureless: float = 0.25
+    albedo_only_steps: int = 100  # shape first: shading needs some geometry to mean anything
+    ambient: float = 0.1  # share of light that does not depend on the normal
+    light_jitter: float = 0.5  # random offset of the light direction from the camera direction
+    normal_eps: float = 0.01  # finite-difference step (in box units) for fields without normals()
+
+    def __post_init__(self) -> None:
+        if min(self.albedo, self.textureless) < 0 or self.albedo + self.textureless > 1:
+            raise ValueError("albedo and textureless are probabilities that must add up to at most 1")
+        if not 0 <= self.ambient <= 1:
+            raise ValueError(f"ambient must be in [0, 1], got {self.ambient}")
+
+
+@dataclass
+class BackgroundSettings:
+    kind: Literal["learned", "solid", "random"] = "learned"
+    color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # for solid (and the previews)
+    lr: float = 1e-3  # learned background's Adam step
+
+
+@dataclass
+class Regularisers:
+    opacity: float = 0.0  # sparsity: mean sqrt(opacity^2 + 0.01), discourages fog filling the view
+    entropy: float = 0.0  # binary entropy of each ray's opacity: rays either hit or miss
+    orientation: float = 0.0  # sum_i w_i max(0, n_i . d)^2: normals must face the camera (Ref-NeRF)
+
+
+@dataclass
+class PreviewSettings:
+    turntable_frames: int = 36
+    size: int = 128
+    elevation: float = 15.0
+
+
+@dataclass
+class TextTo3DConfig:
+    prompt: str = ""
+    guidance: Choice = choice("guidance", "stable-diffusion")
+    representation: Choice = choice("representation", "grid-nerf")
+    view_prompts: ViewPrompts = field(default_factory=ViewPrompts)
+    box: float = 1.0  # the scene box is [-box, box]^3
+    cameras: CameraSampling = field(default_factory=CameraSampling)
+    shading: Shading = field(default_factory=Shading)
+    background: BackgroundSettings = field(default_factory=BackgroundSettings)
+    regularisers: Regularisers = field(default_factory=Regularisers)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    export: MeshSettings = field(default_factory=MeshSettings)
+    preview: PreviewSettings = field(default_factory=PreviewSettings)
+
+    def __post_init__(self) -> None:
+        if self.box <= 0:
+            raise ValueError(f"box must be positive, got {self.box}")
+
+
+class LearnedBackground(nn.Module):
+    """Colour from the ray direction only (an environment at infinity), a small MLP."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+    def forward(self, dirs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(dirs))
+
+
+def component(choice_: Choice):
+    return get_component(choice_.kind, choice_.type)
+
+
+class TextTo3D:
+    def __init__(self, config: TextTo3DConfig, run):
+        if not config.prompt.strip():
+            raise ConfigError(f"{run.recipe.source}: prompt is missing: add prompt=\"a hamburger\" "
+                              "on the command line or a prompt: key to the recipe")
+        self.config, self.run = config, run
+        device = run.device
+        self.total_steps = run.recipe.settings.steps
+        self.generator = torch.Generator().manual_seed(run.recipe.settings.seed)
+        self.aabb = torch.tensor([-config.box] * 3 + [config.box] * 3, device=device)
+        self.renderer = VolumeRenderer(self.aabb, config.render)
+        self.field = component(config.representation).factory(
+            config.representation.config, aabb=self.aabb, step_size=self.renderer.step_size)
+        self.optimizer = self.field.make_optimizer()
+        self.guidance = component(config.guidance).factory(config.guidance.config, device=device)
+        self.background = LearnedBackground().to(device)
+        self.background_optimizer = torch.optim.Adam(self.background.parameters(), lr=config.background.lr)
+        run.log(f"prompt: {config.prompt!r}; guidance: {config.guidance.type}; renderer: {self.renderer.path}")
+
+    # --- one step ---------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        if self.field.grow(step):
+            self.optimizer = self.field.make_optimizer()
+        occupied = self.renderer.update_occupancy(self.field, step)
+        size = cfg.cameras.size_at_step(step)
+        views = self.sample_views(cfg.cameras.batch, size)
+        origins, dirs = self.view_rays(views.cameras)
+        background = self.background_colours(dirs, len(views.cameras), size)
+        mode = self.shading_mode(step)
+        light = self.light_directions(views.cameras)
+        shader = Shader(self.field, mode, light, size * size, cfg.shading,
+                        need_normals=mode != "albedo" or cfg.regularisers.orientation > 0)
+        out = self.renderer.render(self.field, origins, dirs, background, stratified=True, shader=shader)
+        images = out.rgb.view(len(views.cameras), size, size, 3).permute(0, 3, 1, 2)
+        prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
+        guided = self.guidance(images, prompts, step, self.total_steps, generator=self.generator)
+        loss = guided.loss + self.regularisers(out, dirs, shader.normals)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.background_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if cfg.background.kind == "learned":
+            self.background_optimizer.step()
+        metrics = {"loss": loss.item(), "opacity": float(out.opacity.detach().mean()),
+                   "samples_per_ray": out.samples / len(origins), **guided.metrics}
+        if occupied is not None:
+            metrics["occupied"] = occupied
+        return metrics
+
+    def sample_views(self, n: int, size: int):
+        c = self.config.cameras
+        box = self.config.box
+        return random_views(n, size, tuple(c.elevation), tuple(c.azimuth), (c.distance[0] * box, c.distance[1] * box),
+                            tuple(c.fov), self.generator)
+
+    def view_rays(self, cameras) -> tuple[torch.Tensor, torch.Tensor]:
+        cameras = cameras.to(self.run.device)
+        rays = [cameras.image_rays(i) for i in range(len(cameras))]
+        return torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
+
+    def background_colours(self, dirs: torch.Tensor, views: int, size: int) -> torch.Tensor:
+        kind = self.config.background.kind
+        if kind == "learned":
+            return self.background(dirs)
+        if kind == "random":  # one random colour per view: opacity must be explicit
+            colours = torch.rand(views, 3, generator=self.generator).to(dirs.device)
+            return colours.repeat_interleave(size * size, dim=0)
+        return torch.tensor(self.config.background.color, device=dirs.device).expand(len(dirs), 3)
+
+    def shading_mode(self, step: int) -> str:
+        s = self.config.shading
+        if step < s.albedo_only_steps:
+            return "albedo"
+        u = float(torch.rand(1, generator=self.generator))
+        if u < s.albedo:
+            return "albedo"
+        return "textureless" if u < s.albedo + s.textureless else "lambertian"
+
+    def light_directions(self, cameras) -> torch.Tensor:
+        """Unit directions towards a light near each camera (DreamFusion samples the light around it)."""
+        position = cameras.c2w[:, :3, 3]
+        jitter = self.config.shading.light_jitter * torch.randn(position.shape, generator=self.generator)
+        light = F.normalize(position, dim=-1) + jitter
+        return F.normalize(light, dim=-1).to(self.run.device)
+
+    def regularisers(self, out, dirs: torch.Tensor, normals: torch.Tensor | None) -> torch.Tensor:
+        reg = self.config.regularisers
+        loss = torch.zeros((), device=dirs.device)
+        opacity = out.opacity.clamp(1e-5, 1 - 1e-5)
+        if reg.opacity > 0:
+            loss = loss + reg.opacity * torch.sqrt(opacity ** 2 + 0.01).mean()
+        if reg.entropy > 0:
+            entropy = -(opacity * torch.log(opacity) + (1 - opacity) * torch.log(1 - opacity))
+            loss = loss + reg.entropy * entropy.mean()
+        if reg.orientation > 0 and normals is not None and out.weights is not None:
+            facing = (normals * dirs[out.ray_index]).sum(-1).clamp_min(0) ** 2
+            loss = loss + reg.orientation * (out.weights.detach() * facing).sum() / len(dirs)
+        return loss
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"field": self.field.state_dict_plain(), "optimizer": self.optimizer.state_dict(),
+                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state(),
+                "background": self.background.state_dict(),
+                "background_optimizer": self.background_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.field.load_state_dict_plain(state["field"])
+        self.optimizer = self.field.make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.renderer.load_state_dict(state["renderer"])
+        self.generator.set_state(state["generator"])
+        self.background.load_state_dict(state["background"])
+        self.background_optimizer.load_state_dict(state["background_optimizer"])
+
+    def evaluate(self) -> dict[str, float]:
+        return {}  # no ground truth for a prompt; the turntable preview is the evaluation
+
+    # --- outputs ------------------------------------------------------------------------------
+
+    def finish(self, train) -> dict:
+        settings = self.config.export
+        metrics: dict = {"prompt": self.config.prompt, "renderer": self.renderer.path,
+                         "final_loss": round(train.last_metrics.get("loss", float("nan")), 5)}
+        if settings.level is None:
+            settings = replace(settings, level=self.surface_level())
+        metrics["export_level"] = round(settings.level, 4)
+        mesh, files, seconds = timed_export(self.field, settings, self.run.out_dir)
+        metrics.update(export_seconds=round(seconds, 2), mesh_vertices=len(mesh.vertices), mesh_faces=len(mesh.faces))
+        self.write_turntable()
+        self.run.hooks.gen3d_on_export(run=self.run, paths=files)
+        self.run.log("wrote " + ", ".join(p.name for p in files) + ", turntable.gif")
+        return metrics
+
+    @torch.no_grad()
+    def surface_level(self, views: int = 8) -> float:
+        """The density where rays of random views stop (median at the expected depth of opaque
+        rays). A field with no opaque ray yet falls back to half its highest density."""
+        size = self.config.preview.size // 2
+        sample = self.sample_views(views, size)
+        origins, dirs = self.view_rays(sample.cameras)
+        out = self.renderer.render_chunked(self.field, origins, dirs, torch.zeros(3, device=origins.device))
+        opaque = out.opacity > 0.95
+        if opaque.sum() >= 16:
+            points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
+            return float(self.field.density(points).median())
+        peak = float(torch.as_tensor(self.field.cell_max_density(self.config.render.occupancy_resolution)).max()) \
+            if hasattr(self.field, "cell_max_density") else 0.0
+        if peak <= 0:
+            raise Gen3DError("the field is empty: nothing to export (train longer, or set export.level)")
+        self.run.log(f"no opaque view yet: exporting at half the peak density ({peak / 2:.3g})")
+        return peak / 2
+
+    @torch.no_grad()
+    def write_turntable(self) -> None:
+        p = self.config.preview
+        if p.turntable_frames <= 0:
+            return
+        c = self.config.cameras
+        distance = 0.5 * (c.distance[0] + c.distance[1]) * self.config.box
+        cameras = orbit(p.turntable_frames, distance, p.elevation, math.radians(sum(c.fov) / 2), p.size)
+        cameras = cameras.to(self.run.device)
+        frames = []
+        for i in range(len(cameras)):
+            origins, dirs = cameras.image_rays(i)
+            background = self.background(dirs) if self.config.background.kind == "learned" else \
+                torch.tensor(self.config.background.color, device=dirs.device)
+            out = self.renderer.render_chunked(self.field, origins, dirs, background) \
+                if background.dim() == 1 else self.renderer.render(self.field, origins, dirs, background)
+            frames.append(to_uint8(out.rgb.view(p.size, p.size, 3).cpu().numpy()))
+        with atomic_path(self.run.path("turntable.gif")) as tmp:
+            iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=80, loop=0)
+
+
+class Shader:
+    """Colours samples in one shading mode; keeps the normals it computed for the orientation loss."""
+
+    def __init__(self, field, mode: str, light: torch.Tensor, rays_per_view: int, settings: Shading,
+                 need_normals: bool):
+        self.field, self.mode, self.light = field, mode, light
+        self.rays_per_view, self.settings, self.need_normals = rays_per_view, settings, need_normals
+        self.normals: torch.Tensor | None = None
+
+    def __call__(self, points: torch.Tensor, dirs: torch.Tensor, ray_index: torch.Tensor):
+        sigma, albedo = self.field(points, dirs)
+        if not self.need_normals:
+            return sigma, albedo
+        self.normals = normals(self.field, points, dirs, self.settings.normal_eps)
+        if self.mode == "albedo":
+            return sigma, albedo
+        light = self.light[ray_index // self.rays_per_view]  # rays are view-major
+        shade = self.settings.ambient + (1 - self.settings.ambient) * (self.normals * light).sum(-1).clamp_min(0)
+        base = albedo if self.mode == "lambertian" else torch.ones_like(albedo)
+        return sigma, base * shade[:, None]
+
+
+def normals(field, points: torch.Tensor, dirs: torch.Tensor, eps: float) -> torch.Tensor:
+    if hasattr(field, "normals"):
+        return field.normals(points)
+    # Tetrahedral finite differences of the (trainable) density: four evaluations, not six.
+    offsets = torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], dtype=points.dtype,
+                           device=points.device)
+    grad = sum(o * field(points + eps * o, dirs)[0][:, None] for o in offsets)
+    return -F.normalize(grad, dim=-1, eps=1e-8)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def build(config: TextTo3DConfig, *, run) -> TextTo3D:
+    return TextTo3D(config, run)
+
+
+@hookimpl
+def gen3d_loops():
+    return [Component("text-to-3d", build, TextTo3DConfig,
+                      "DreamFusion-style text-to-3D: random views, shading modes, guidance (SDS or CLIP), mesh export")]
