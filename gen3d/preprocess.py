@@ -1,0 +1,500 @@
+"""The preprocessing stage: a photo in, the object found, cut out and centred out (plus depth).
+
+    detect -> pick one box -> segment it -> crop, centre, scale -> RGBA of ``size`` px
+
+Detectors, segmenters and depth estimators are all components of the kind ``preprocessor``
+(hook ``gen3d_preprocessors``). What one can *do* is its role, a small protocol below:
+``detect``, ``segment`` or ``estimate_depth``. A component may play several roles (the embedded
+``grabcut`` both detects and segments); the stage checks the role before loading anything.
+
+Coordinate frames: components see the *working* image (the input turned upright and shrunk
+to ``max_side``) and answer in its pixels; everything this stage writes is in the *input's*
+pixels (the upright photo at full size): boxes, ``mask.png``, ``depth.npy``.
+
+:func:`preprocess` is what a recipe loop calls; :func:`preprocess_file` adds reading the photo
+and writing the output folder (``gen3d preprocess``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+import torch
+
+from .boxes import batched_nms
+from .config import Choice, Context, _choice, choice, from_dict
+from .errors import ConfigError, DataError
+from .images import LoadedImage, read_image, write_png
+from .io import atomic_path, inside, write_json
+from .plugins import get_component
+
+KIND = "preprocessor"
+ROLES = ("detector", "segmenter", "depth")
+
+# --- what components return --------------------------------------------------------------
+
+
+@dataclass
+class Detections:
+    """Boxes ``[N, 4]`` (x0, y0, x1, y1, float32 pixels), scores ``[N]`` and one label per box."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: list[str]
+    unsure: list[str] = field(default_factory=list)  # why the detector doubts its answer
+    notes: list[str] = field(default_factory=list)  # anything else worth telling the user
+
+    def __post_init__(self) -> None:
+        self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32).reshape(-1)
+        if not (len(self.boxes) == len(self.scores) == len(self.labels)):
+            raise ValueError(f"detections: {len(self.boxes)} boxes, {len(self.scores)} scores and "
+                             f"{len(self.labels)} labels should be as many")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Detections:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Detections(self.boxes[index], self.scores[index], [self.labels[i] for i in index.tolist()],
+                          list(self.unsure), list(self.notes))
+
+    def suppress(self, iou_threshold: float) -> Detections:
+        """Non-maximum suppression within each label, highest score first."""
+        names = sorted(set(self.labels))
+        classes = torch.tensor([names.index(label) for label in self.labels], dtype=torch.long)
+        return self.select(batched_nms(self.boxes, self.scores, classes, iou_threshold))
+
+    def clipped(self, width: int, height: int) -> Detections:
+        """Boxes clipped to the image (models may reach into padding or past the edge)."""
+        limit = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = torch.minimum(self.boxes.clamp(min=0), limit)
+        return Detections(boxes, self.scores, list(self.labels), list(self.unsure), list(self.notes))
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # bool [h, w] in the pixels of the image the segmenter was given
+    score: float | None = None
+    unsure: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DepthMap:
+    """Relative depth in the pixels of the image the estimator was given.
+
+    ``depth`` is the model's affine-invariant *inverse* depth (disparity-like: larger is
+    nearer), normalised per image to [0, 1]: 0 at the farthest pixel, 1 at the nearest.
+    ``raw_range`` is the model's own (min, max), so ``raw = depth * (max - min) + min``.
+    A metric depth ``z`` relates to it by ``1 / z = s * depth + t`` for unknown s > 0, t.
+    """
+
+    depth: np.ndarray  # float32 [h, w]
+    raw_range: tuple[float, float]
+    model: str = ""
+
+    CONVENTION: ClassVar[str] = ("relative inverse depth (larger = nearer), normalised per image to [0, 1]; "
+                                 "metric depth z satisfies 1/z = s*depth + t for unknown scale s > 0 and shift t")
+
+
+# --- roles: what a preprocessor can do ----------------------------------------------------
+
+
+@runtime_checkable
+class Detector(Protocol):
+    def detect(self, image: np.ndarray, prompts: Sequence[str]) -> Detections:
+        """Boxes in ``image`` (uint8 RGB [h, w, 3]); ``prompts``: text queries, maybe empty."""
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    def segment(self, image: np.ndarray, box: Sequence[float] | None = None,
+                points: Sequence[Sequence[float]] | None = None) -> Segmentation:
+        """The mask of the object in ``box`` (x0, y0, x1, y1) or at ``points`` ([[x, y], ...])."""
+
+
+@runtime_checkable
+class DepthEstimator(Protocol):
+    def estimate_depth(self, image: np.ndarray) -> DepthMap: ...
+
+
+PROTOCOLS = {"detector": Detector, "segmenter": Segmenter, "depth": DepthEstimator}
+
+
+def roles_of(component_config: type | None) -> tuple[str, ...] | None:
+    """The roles a preprocessor declares (``ROLES`` on its config class), or None if it doesn't."""
+    return getattr(component_config, "ROLES", None)
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessSettings:
+    # choice() returns a dataclasses.field (a default factory), which RUF009 cannot see.
+    detector: Any = choice(KIND, "grabcut")  # noqa: RUF009
+    segmenter: Any = choice(KIND, "grabcut")  # noqa: RUF009
+    depth: str | dict | None = None  # a depth preprocessor, e.g. depth-anything; none by default
+    pick: Literal["score", "largest"] = "score"  # which detection becomes the object
+    size: int = 256  # side of the square RGBA output
+    fill: float = 0.85  # the object's longer side as a fraction of the output side
+    max_side: int = 1024  # larger inputs are shrunk to this before detection
+    use_alpha: bool = True  # an input with transparency is already cut out: its alpha is the mask
+    max_cover: float = 0.7  # a mask covering more of the photo than this is "unsure"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fill <= 1:
+            raise ValueError(f"fill must be in (0, 1], got {self.fill}")
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+        if self.max_side < 64:
+            raise ValueError(f"max_side must be at least 64 pixels, got {self.max_side}")
+        if not 0 < self.max_cover <= 1:
+            raise ValueError(f"max_cover must be in (0, 1], got {self.max_cover}")
+
+
+def load_settings(data: dict | None, ctx: Context | None = None) -> PreprocessSettings:
+    """Settings from plain data (YAML, command line), every component name and key checked."""
+    ctx = ctx or Context(source="preprocess")
+    settings = from_dict(PreprocessSettings, data or {}, ctx)
+    settings.depth = _optional_choice(settings.depth, ctx, "depth")
+    return settings
+
+
+def _optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
+    # The config module's choice() fields always have a component; depth may have none.
+    if raw is None or isinstance(raw, Choice):
+        return raw
+    return _choice(KIND, raw, ctx, key)
+
+
+def build(role: str, picked: Choice | str | dict, where: str = "preprocess") -> Any:
+    """Build the preprocessor ``picked`` for ``role``, refusing one that cannot play it."""
+    picked = _optional_choice(picked, Context(source=where), role)
+    component = get_component(KIND, picked.type, where=f"{where}: {role}")
+    declared = roles_of(component.config)
+    if declared is not None and role not in declared:
+        raise ConfigError(f"{where}: {role}: {picked.type!r} is a {' and '.join(declared)}, not a {role}. "
+                          f"{role.capitalize()}s: {', '.join(names_for(role)) or '(none installed)'}")
+    obj = component.factory(picked.config) if component.config else component.factory(None)
+    if not isinstance(obj, PROTOCOLS[role]):
+        raise ConfigError(f"{where}: {role}: {picked.type!r} cannot act as a {role}")
+    return obj
+
+
+def names_for(role: str) -> list[str]:
+    from .plugins import get_registry
+
+    registry = get_registry()
+    return [name for name in registry.names(KIND)
+            if role in (roles_of(registry.get(KIND, name).config) or ())]
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessResult:
+    rgba: np.ndarray  # uint8 [size, size, 4], the object centred, straight alpha
+    mask: np.ndarray  # bool [H, W] in input pixels
+    detections: Detections  # in input pixels
+    chosen: int | None  # index into detections; None when the input's alpha was the mask
+    object_box: list[float]  # the mask's box in input pixels
+    unsure: list[str]
+    notes: list[str]
+    depth: DepthMap | None  # in input pixels
+    image: LoadedImage
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Preprocessor:
+    """The stage with its components built once (models load once for many images)."""
+
+    def __init__(self, settings: PreprocessSettings, where: str = "preprocess"):
+        self.settings = settings
+        self.detector = build("detector", settings.detector, where)
+        same = _same_choice(settings.detector, settings.segmenter)
+        # One object for both roles when they are the same component: grabcut reuses its mask.
+        self.segmenter = self.detector if same and isinstance(self.detector, Segmenter) else build(
+            "segmenter", settings.segmenter, where)
+        self.depth = build("depth", settings.depth, where) if settings.depth is not None else None
+
+    def __call__(self, image: LoadedImage, prompts: Sequence[str] = ()) -> PreprocessResult:
+        return preprocess(image, self, prompts)
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    return isinstance(a, Choice) and isinstance(b, Choice) and a.type == b.type and a.config == b.config
+
+
+def preprocess(image: LoadedImage, stage: Preprocessor, prompts: Sequence[str] = ()) -> PreprocessResult:
+    """Run the stage on a loaded (full-size, upright) image; nothing is written."""
+    settings, seconds = stage.settings, {}
+    clock = time.perf_counter()
+    work, scale = shrink(image.rgb, settings.max_side)
+    notes: list[str] = []
+    if image.alpha is not None and settings.use_alpha:
+        mask = image.alpha >= 128
+        box = mask_box(mask)
+        if box is None:
+            raise DataError(f"{image.path}: its alpha channel holds no opaque object")
+        detections = Detections(torch.tensor([box]), torch.ones(1), ["alpha"])
+        chosen, unsure = None, []
+        notes.append("the input has transparency: its alpha channel is the mask (use_alpha=false to segment it)")
+    else:
+        detections, chosen, work_mask, unsure = _find_object(work, image.path, stage, prompts, seconds)
+        notes += detections.notes
+        detections = _to_input_pixels(detections, scale, image.input_size)
+        mask = upsample_mask(work_mask, image.input_size)
+    object_box = mask_box(mask)
+    if object_box is None:
+        raise DataError(f"{image.path}: the segmenter returned an empty mask: no object found")
+    unsure += mask_doubts(mask, settings.max_cover)
+    clock = _lap(seconds, "segment", clock)
+    rgba = centre_object(image.rgb, mask, settings.size, settings.fill)
+    clock = _lap(seconds, "crop", clock)
+    depth = None
+    if stage.depth is not None:
+        found = stage.depth.estimate_depth(work)
+        depth = DepthMap(resize_float(found.depth, image.input_size), found.raw_range, found.model)
+        _lap(seconds, "depth", clock)
+    return PreprocessResult(rgba, mask, detections, chosen, object_box, unsure, notes, depth, image, seconds)
+
+
+def _lap(seconds: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[name] = round(seconds.get(name, 0.0) + now - since, 4)
+    return now
+
+
+def _find_object(work: np.ndarray, path: Path, stage: Preprocessor, prompts: Sequence[str],
+                 seconds: dict[str, float]):
+    """Detect, pick and segment in working pixels: (detections, chosen, mask, unsure reasons)."""
+    height, width = work.shape[:2]
+    detections = stage.detector.detect(work, list(prompts)).clipped(width, height)
+    if len(detections) == 0:
+        asked = f" matching {' / '.join(map(repr, prompts))}" if prompts else ""
+        why = "; ".join(detections.unsure + detections.notes)
+        raise DataError(f"{path}: no object{asked} found" + (f" ({why})" if why else ""))
+    chosen = pick(detections, stage.settings.pick)
+    box = detections.boxes[chosen].tolist()
+    segmentation = stage.segmenter.segment(work, box=box)
+    mask = np.asarray(segmentation.mask, dtype=bool)
+    if mask.shape != (height, width):
+        raise DataError(f"{path}: the segmenter returned a {mask.shape} mask for a {height}x{width} image")
+    return detections, chosen, mask, list(dict.fromkeys(detections.unsure + segmentation.unsure))
+
+
+def pick(detections: Detections, how: str) -> int:
+    """Index of the detection that becomes the object: highest score, or largest box."""
+    if how == "largest":
+        wh = (detections.boxes[:, 2:] - detections.boxes[:, :2]).clamp(min=0)
+        return int(torch.argmax(wh[:, 0] * wh[:, 1]))
+    return int(torch.argmax(detections.scores))
+
+
+def _to_input_pixels(detections: Detections, scale: float, input_size: tuple[int, int]) -> Detections:
+    scaled = Detections(detections.boxes / scale, detections.scores, list(detections.labels),
+                        list(detections.unsure), list(detections.notes))
+    return scaled.clipped(*input_size)
+
+
+# --- image helpers ------------------------------------------------------------------------
+
+
+def shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The image with its longer side at most ``max_side``, and the factor applied."""
+    height, width = rgb.shape[:2]
+    factor = min(1.0, max_side / max(height, width))
+    if factor == 1.0:
+        return rgb, 1.0
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), size[0] / width
+
+
+def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to ``size`` (width, height) with smooth edges, not blocky ones."""
+    if mask.shape[::-1] == tuple(size):
+        return mask
+    soft = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    return soft >= 0.5
+
+
+def resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if values.shape[::-1] == tuple(size):
+        return values.astype(np.float32)
+    return cv2.resize(values.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+
+
+def mask_box(mask: np.ndarray) -> list[float] | None:
+    """(x0, y0, x1, y1) enclosing the mask's pixels (pixel i spans [i, i+1)), or None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+
+
+def mask_doubts(mask: np.ndarray, max_cover: float) -> list[str]:
+    """Reasons to distrust any mask: it touches the photo's edge, or covers most of it."""
+    doubts = []
+    edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    if edge.mean() > 0.01:
+        doubts.append(f"the mask touches the image border along {edge.mean():.0%} of it: "
+                      "the object may be cut off, or background was taken for object")
+    cover = float(mask.mean())
+    if cover > max_cover:
+        doubts.append(f"the mask covers {cover:.0%} of the image (more than max_cover={max_cover:g})")
+    return doubts
+
+
+def centre_object(rgb: np.ndarray, mask: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """RGBA ``size`` x ``size``: the mask's box centred, its longer side ``fill`` of the frame."""
+    x0, y0, x1, y1 = mask_box(mask)
+    side = max(x1 - x0, y1 - y0) / fill  # the square of the input that becomes the output
+    left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
+    scale = size / side
+    # Cut that square in whole pixels (zeros outside the photo); the sub-pixel rest goes into the warp.
+    ix, iy, iside = int(np.floor(left)), int(np.floor(top)), int(np.ceil(side)) + 1
+    alpha = _cut(mask[..., None].astype(np.float32), ix, iy, iside)
+    # Premultiplied colour, so edge pixels don't pick up the background's colour when resampled.
+    crop = np.concatenate([_cut(rgb, ix, iy, iside).astype(np.float32) * alpha, alpha * 255.0], axis=-1)
+    k = scale
+    if scale < 1:  # shrink with area averaging first: no aliasing; the warp then scales by ~1
+        out_side = max(1, round(iside * scale))
+        crop = cv2.resize(crop, (out_side, out_side), interpolation=cv2.INTER_AREA)
+        k = scale * iside / out_side
+    # Output u = k * c + shift in edge coordinates; warpAffine works with pixel centres (+0.5).
+    shift = np.array([ix - left, iy - top]) * scale + 0.5 * (k - 1)
+    warp = np.float32([[k, 0, shift[0]], [0, k, shift[1]]])
+    out = cv2.warpAffine(crop, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+    a = out[..., 3:] / 255.0
+    colour = np.where(a > 1e-3, out[..., :3] / np.maximum(a, 1e-3), 0.0)
+    return np.clip(np.concatenate([colour, out[..., 3:]], axis=-1) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _cut(image: np.ndarray, x: int, y: int, side: int) -> np.ndarray:
+    """``image[y:y+side, x:x+side]`` with zeros where the square leaves the image."""
+    out = np.zeros((side, side, image.shape[2]), dtype=image.dtype)
+    h, w = image.shape[:2]
+    sx0, sy0, sx1, sy1 = max(x, 0), max(y, 0), min(x + side, w), min(y + side, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+# --- files ----------------------------------------------------------------------------------
+
+OUTPUTS = ("rgba.png", "mask.png", "detections.json", "overview.png", "depth.npy", "depth.png")
+
+
+def preprocess_file(path: Path | str, settings: PreprocessSettings, out_dir: Path | str,
+                    prompts: Sequence[str] = (), stage: Preprocessor | None = None) -> PreprocessResult:
+    """Read ``path``, run the stage, write the output folder; returns the result."""
+    stage = stage or Preprocessor(settings)
+    clock = time.perf_counter()
+    image = read_image(path)
+    result = preprocess(image, stage, prompts)
+    result.seconds = {"read": round(time.perf_counter() - clock - sum(result.seconds.values()), 4),
+                      **result.seconds}
+    clock = time.perf_counter()
+    write_outputs(result, out_dir, settings, prompts)
+    result.seconds["write"] = round(time.perf_counter() - clock, 4)
+    return result
+
+
+def write_outputs(result: PreprocessResult, out_dir: Path | str, settings: PreprocessSettings,
+                  prompts: Sequence[str] = ()) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: inside(out_dir, name) for name in OUTPUTS}
+    write_png(paths["rgba.png"], result.rgba)
+    write_png(paths["mask.png"], result.mask.astype(np.uint8) * 255)
+    if result.depth is not None:
+        # np.save on a path would add a second ".npy" to the temporary name: hand it a file.
+        with atomic_path(paths["depth.npy"]) as tmp, open(tmp, "wb") as f:
+            np.save(f, result.depth.depth.astype(np.float32))
+        write_png(paths["depth.png"], depth_picture(result.depth.depth))
+    else:  # a stale depth from an earlier run in this folder would belong to another image
+        for name in ("depth.npy", "depth.png"):
+            paths[name].unlink(missing_ok=True)
+    write_png(paths["overview.png"], overview(result))
+    write_json(paths["detections.json"], describe(result, settings, prompts))
+    return {name: path for name, path in paths.items() if path.exists()}
+
+
+def describe(result: PreprocessResult, settings: PreprocessSettings, prompts: Sequence[str]) -> dict:
+    """What ``detections.json`` holds: every box in input pixels, the chosen one, the doubts."""
+    dets = result.detections
+    items = [{"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label}
+             for box, score, label in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.labels)]
+    name = lambda picked: None if picked is None else getattr(picked, "type", picked)
+    data = {
+        "input": str(result.image.path),
+        "input_size": list(result.image.input_size),
+        "exif_rotated": result.image.exif_rotated,
+        "prompts": list(prompts),
+        "detector": "alpha" if result.chosen is None else name(settings.detector),
+        "segmenter": "alpha" if result.chosen is None else name(settings.segmenter),
+        "detections": items,
+        "chosen": None if result.chosen is None else {**items[result.chosen], "index": result.chosen,
+                                                      "picked_by": settings.pick},
+        "object_box": result.object_box,
+        "unsure": bool(result.unsure),
+        "unsure_reasons": result.unsure,
+        "notes": result.notes,
+        "output": {"size": settings.size, "fill": settings.fill},
+        "seconds": result.seconds,
+    }
+    if result.depth is not None:
+        data["depth"] = {"model": result.depth.model, "file": "depth.npy", "convention": DepthMap.CONVENTION,
+                         "raw_range": [float(v) for v in result.depth.raw_range]}
+    return data
+
+
+def depth_picture(depth: np.ndarray) -> np.ndarray:
+    """A viewable colour picture of a [0, 1] relative depth map (bright = near)."""
+    grey = np.clip(depth * 255 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def overview(result: PreprocessResult, max_side: int = 768) -> np.ndarray:
+    """The input with the mask tinted, every box with its score, the chosen box thicker; + the result."""
+    picture, scale = shrink(result.image.rgb, max_side)
+    mask = upsample_mask(result.mask, picture.shape[1::-1])
+    tinted = picture.astype(np.float32)
+    tinted[mask] = 0.55 * tinted[mask] + 0.45 * np.array([40, 200, 255])
+    picture = np.ascontiguousarray(tinted.astype(np.uint8))
+    thick = max(1, round(max(picture.shape[:2]) / 300))
+    dets = result.detections
+    for i, (box, score, label) in enumerate(zip(dets.boxes.tolist(), dets.scores.tolist(), dets.labels)):
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        chosen = i == result.chosen
+        colour = (255, 60, 40) if chosen else (255, 220, 0)
+        cv2.rectangle(picture, (x0, y0), (max(x1 - 1, x0), max(y1 - 1, y0)), colour, thick * (2 if chosen else 1))
+        _label(picture, f"{label} {score:.2f}", (x0, y0), colour)
+    if result.unsure:
+        _label(picture, "UNSURE: " + result.unsure[0][:70], (0, picture.shape[0]), (255, 60, 40), above=True)
+    # The centred result beside it, on a grey checkerboard so its transparency shows.
+    side = picture.shape[0]
+    cut = cv2.resize(result.rgba, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    check = ((np.indices((side, side)) // max(side // 16, 1)).sum(0) % 2)[..., None] * 40.0 + 180.0
+    a = cut[..., 3:] / 255.0
+    framed = (cut[..., :3] * a + check * (1 - a)).astype(np.uint8)
+    return np.concatenate([picture, np.full((side, 4, 3), 255, np.uint8), framed], axis=1)
+
+
+def _label(picture: np.ndarray, text: str, corner: tuple[int, int], colour, above: bool = False) -> None:
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, max(picture.shape[:2]) / 1400)
+    (w, h), base = cv2.getTextSize(text, font, size, 1)
+    x = min(max(corner[0], 0), max(picture.shape[1] - w, 0))
+    y = corner[1] - base if above else min(max(corner[1], 0) + h + base, picture.shape[0] - base)
+    y = max(y, h + base)
+    cv2.rectangle(picture, (x, y - h - base), (x + w, y + base), colour, -1)
+    cv2.putText(picture, text, (x, y), font, size, (0, 0, 0), 1, cv2.LINE_AA)
