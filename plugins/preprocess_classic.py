@@ -120,9 +120,10 @@ class GrabCut:
         distance, noise, stray = _background_distance(lab, border)
         unsure = []
         if noise > config.max_noise or stray > config.max_clutter:
-            unsure.append(f"the background is not plain (along the border its colour strays from a smooth "
-                          f"background by {noise:.0f} Lab units, {stray:.0%} of it far off), so the mask may "
-                          "be wrong: try a model detector and segmenter")
+            unsure.append(f"the background is not plain: along the image border the colour strays {noise:.0f} "
+                          f"Lab units from a smooth fit, {stray:.0%} of the border far off (plain: under "
+                          f"{config.max_noise:g} and {config.max_clutter:.0%}), so the mask may be wrong; "
+                          "try a model detector and segmenter")
         # Seeds: clearly unlike the background. Capped, so a busy background still gets a (doubted) try.
         threshold = min(max(config.seed_contrast * noise, config.min_contrast), 3 * config.min_contrast)
         seeds = distance > threshold
