@@ -21,12 +21,12 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def to(self, device: torch.device | str) -> "Cameras":
-        t = lambda x: x.to(device)  # noqa: E731
+    def to(self, device: torch.device | str) -> Cameras:
+        t = lambda x: x.to(device)
         return Cameras(t(self.c2w), t(self.fx), t(self.fy), t(self.cx), t(self.cy), self.width, self.height)
 
-    def __getitem__(self, index) -> "Cameras":
-        pick = lambda x: x[index].reshape(-1, *x.shape[1:])  # noqa: E731
+    def __getitem__(self, index) -> Cameras:
+        pick = lambda x: x[index].reshape(-1, *x.shape[1:])
         return Cameras(pick(self.c2w), pick(self.fx), pick(self.fy), pick(self.cx), pick(self.cy),
                        self.width, self.height)
 

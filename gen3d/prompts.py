@@ -8,8 +8,8 @@ lookup, and a run only ever needs a handful of distinct prompts, so embeddings a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

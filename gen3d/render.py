@@ -187,7 +187,7 @@ class VolumeRenderer:
         The occupancy structure still comes from ``field.density``.
         """
         if shader is None:
-            shader = lambda points, d, ray_index: field(points, d)  # noqa: E731
+            shader = lambda points, d, ray_index: field(points, d)
         if self.packed:
             return self._render_packed(field, origins, dirs, background, stratified, shader)
         return self._render_batched(field, origins, dirs, background, stratified, shader)

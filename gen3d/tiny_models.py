@@ -57,7 +57,12 @@ def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 1
                                in_channels: int = 4, prediction_type: str = "epsilon") -> Path:
     """A Stable-Diffusion-shaped pipeline folder (model_index.json, unet, vae, text_encoder,
     tokenizer, scheduler). Images are ``latent_size * 2`` pixels (the VAE downsamples twice)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     folder = Path(folder)
@@ -73,7 +78,8 @@ def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 1
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         norm_num_groups=32, sample_size=latent_size * 2)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type=prediction_type)
+                              num_train_timesteps=1000, prediction_type=prediction_type,
+                              clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

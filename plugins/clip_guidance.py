@@ -89,7 +89,7 @@ class ClipGuidance:
         crops = []
         for _ in range(self.config.augmentations):
             for i in range(b):
-                side = int(round(min(h, w) * (low + (high - low) * float(torch.rand(1, generator=generator)))))
+                side = round(min(h, w) * (low + (high - low) * float(torch.rand(1, generator=generator))))
                 side = max(1, side)
                 top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
                 left = int(torch.randint(0, w - side + 1, (1,), generator=generator))

@@ -98,7 +98,7 @@ class StableDiffusionGuidance:
         self.dtype = pick_dtype(config.dtype, self.device)
         source = resolve(config.model, KEY)
         check_pipeline(source, config.model)
-        load = lambda cls, sub, what, **kw: load_pretrained(  # noqa: E731
+        load = lambda cls, sub, what, **kw: load_pretrained(
             cls.from_pretrained, source, KEY, what, subfolder=sub, **kw)
         self.tokenizer = load(AutoTokenizer, "tokenizer", "tokenizer")
         self.text_encoder = load(CLIPTextModel, "text_encoder", "CLIP text encoder", dtype=self.dtype)
@@ -206,10 +206,15 @@ class StableDiffusionGuidance:
         t = self.sample_t(len(latents), step, total_steps, generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         grad = self.sds_gradient(latents, cond, uncond, t, noise)
-        target = (latents - grad).detach()
-        # d/dz of 0.5 ||z - target||^2 / B is grad / B: the SDS gradient, averaged over the batch.
-        loss = self.config.weight * 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)
+        loss = self.config.weight * sds_loss(latents, grad)
         return GuidanceOutput(loss, {"sds_t": float(t.float().mean()), "sds_grad": float(grad.norm())})
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient w.r.t. ``latents`` is ``grad`` / batch size (the SDS gradient,
+    averaged over the batch): d/dz 0.5 ||z - stopgrad(z - grad)||^2 = grad."""
+    target = (latents - grad).detach()
+    return 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)
 
 
 def build(config: StableDiffusionConfig, *, device: torch.device | str = "cpu") -> StableDiffusionGuidance:

@@ -63,3 +63,19 @@ def small_dataset(tmp_path_factory) -> Path:
                     "--size", "32", "--train", "24", "--val", "2", "--test", "4"], check=True,
                    capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion folder (diffusers layout), loaded like any hub checkpoint."""
+    from gen3d.tiny_models import make_tiny_stable_diffusion
+
+    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP folder (transformers layout: model, tokenizer, image processor)."""
+    from gen3d.tiny_models import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
