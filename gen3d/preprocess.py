@@ -5,7 +5,9 @@
 Detectors, segmenters and depth estimators are all components of the kind ``preprocessor``
 (hook ``gen3d_preprocessors``). What one can *do* is its role, a small protocol below:
 ``detect``, ``segment`` or ``estimate_depth``. A component may play several roles (the embedded
-``grabcut`` both detects and segments); the stage checks the role before loading anything.
+``grabcut`` both detects and segments) and says which in a ``ROLES`` tuple on its config class,
+so the stage can refuse a wrong choice before loading anything. Factories are called as
+``factory(config, role="detector")``.
 
 Coordinate frames: components see the *working* image (the input turned upright and shrunk
 to ``max_side``) and answer in its pixels; everything this stage writes is in the *input's*
@@ -27,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 
-from .boxes import batched_nms
+from .boxes import batched_nms, box_area
 from .config import Choice, Context, _choice, choice, from_dict
 from .errors import ConfigError, DataError
 from .images import LoadedImage, read_image, write_png
@@ -72,10 +74,11 @@ class Detections:
         return self.select(batched_nms(self.boxes, self.scores, classes, iou_threshold))
 
     def clipped(self, width: int, height: int) -> Detections:
-        """Boxes clipped to the image (models may reach into padding or past the edge)."""
+        """Boxes clipped to the image; those left empty (wholly in a model's padding) are dropped."""
         limit = torch.tensor([width, height, width, height], dtype=torch.float32)
         boxes = torch.minimum(self.boxes.clamp(min=0), limit)
-        return Detections(boxes, self.scores, list(self.labels), list(self.unsure), list(self.notes))
+        clipped = Detections(boxes, self.scores, list(self.labels), list(self.unsure), list(self.notes))
+        return clipped.select(torch.nonzero(box_area(boxes) > 0).flatten())
 
 
 @dataclass
@@ -182,7 +185,8 @@ def build(role: str, picked: Choice | str | dict, where: str = "preprocess") -> 
     if declared is not None and role not in declared:
         raise ConfigError(f"{where}: {role}: {picked.type!r} is a {' and '.join(declared)}, not a {role}. "
                           f"{role.capitalize()}s: {', '.join(names_for(role)) or '(none installed)'}")
-    obj = component.factory(picked.config) if component.config else component.factory(None)
+    # Factories get the role as context: model loaders name "detector.model" etc. in their errors.
+    obj = component.factory(picked.config if component.config else None, role=role)
     if not isinstance(obj, PROTOCOLS[role]):
         raise ConfigError(f"{where}: {role}: {picked.type!r} cannot act as a {role}")
     return obj

@@ -267,7 +267,7 @@ def _resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
-def make_grabcut(config: GrabCutConfig) -> GrabCut:
+def make_grabcut(config: GrabCutConfig, role: str = "") -> GrabCut:
     return GrabCut(config)
 
 

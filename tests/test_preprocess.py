@@ -303,7 +303,7 @@ class DepthOnly:
         from dataclasses import make_dataclass
 
         config = make_dataclass("FlatDepthConfig", [], namespace={"ROLES": ("depth",)})
-        return [Component("flat-depth", lambda config: FlatDepth(), config, "test depth")]
+        return [Component("flat-depth", lambda config, role: FlatDepth(), config, "test depth")]
 
 
 class FlatDepth:
@@ -320,7 +320,7 @@ def depth_plugin():
 
 
 def test_role_mismatch_is_named_and_depth_is_written(depth_plugin, plain_composites, tmp_path):
-    with pytest.raises(ConfigError, match="detector: 'flat-depth' is a depth, not a detector. Detectors: grabcut"):
+    with pytest.raises(ConfigError, match="detector: 'flat-depth' is a depth, not a detector. Detectors: .*grabcut"):
         Preprocessor(load_settings({"detector": "flat-depth"}))
     with pytest.raises(ConfigError, match="depth: 'grabcut' is a detector and segmenter, not a depth"):
         Preprocessor(load_settings({"depth": "grabcut"}))
