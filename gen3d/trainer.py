@@ -115,11 +115,16 @@ def train(run: Run, loop: Loop, resume: bool = False) -> TrainResult:
         loop.load_state_dict(state["loop"])
         start, elapsed, timeline = state["step"], state["seconds"], state["timeline"]
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and run.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
         run.log(f"resumed from {checkpoint} at step {start} ({elapsed:.1f} s of training)")
 
     def save(step: int) -> None:
+        rng = {"rng": torch.get_rng_state()}
+        if run.device.type == "cuda":  # stratified sampling draws on the GPU's generator
+            rng["cuda_rng"] = torch.cuda.get_rng_state(run.device)
         save_checkpoint(checkpoint, {"loop": loop.state_dict(), "step": step, "seconds": elapsed,
-                                     "timeline": timeline, "rng": torch.get_rng_state()})
+                                     "timeline": timeline, **rng})
         run.hooks.gen3d_on_checkpoint(run=run, step=step, path=checkpoint)
 
     marks = [m for m in sorted(settings.eval_at_seconds) if m > elapsed]

@@ -29,7 +29,7 @@ from gen3d.prompts import EmbeddingCache
 from gen3d.specs import Component
 
 KEY = "guidance.model"
-TEXT_TO_IMAGE = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}  # XL needs two text encoders: refused below
+TEXT_TO_IMAGE = {"StableDiffusionPipeline"}  # SD 1.x / 2.x layout: one CLIP text encoder, a 4-channel UNet
 
 
 @dataclass
@@ -43,6 +43,9 @@ class StableDiffusionConfig:
     # Annealing lowers t_max over the run (coarse shape early, details late): none, linear or sqrt.
     t_anneal: Literal["none", "linear", "sqrt"] = "none"
     t_max_end: float = 0.5  # t_max at the last step when annealing
+    # one_minus_alpha: DreamFusion's w(t) = 1 - abar_t (the VP noise variance); sigma_squared: the
+    # VE/EDM noise variance (1 - abar_t) / abar_t, ~200x larger at t = 0.98 (pair it with
+    # grad_clip); uniform: w = 1.
     weighting: Literal["one_minus_alpha", "sigma_squared", "uniform"] = "one_minus_alpha"
     grad_clip: float | None = None  # clip each element of the latent gradient to [-c, c]
     image_size: int | None = None  # renderings are resized to this before the VAE; None: the model's size
@@ -68,7 +71,7 @@ def check_pipeline(source: str, model_id: str) -> None:
     index = load_pretrained(DiffusionPipeline.load_config, source, KEY, "diffusers pipeline (model_index.json)")
     name = index.get("_class_name", "?")
     missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if part not in index]
-    if name not in TEXT_TO_IMAGE or missing or "text_encoder_2" in index:
+    if name not in TEXT_TO_IMAGE or missing:
         raise ConfigError(f"{KEY}: {model_id!r} is a {name} checkpoint; score distillation needs a text-to-image "
                           f"Stable Diffusion model (StableDiffusionPipeline with unet, vae, text_encoder, "
                           f"tokenizer, scheduler), e.g. stabilityai/stable-diffusion-2-1-base")
@@ -101,7 +104,10 @@ class StableDiffusionGuidance:
         load = lambda cls, sub, what, **kw: load_pretrained(
             cls.from_pretrained, source, KEY, what, subfolder=sub, **kw)
         self.tokenizer = load(AutoTokenizer, "tokenizer", "tokenizer")
-        self.text_encoder = load(CLIPTextModel, "text_encoder", "CLIP text encoder", dtype=self.dtype)
+        offload = config.cpu_offload and self.device.type == "cuda"
+        # Offloaded, the text encoder stays on the CPU, where half precision is slow or missing.
+        self.text_encoder = load(CLIPTextModel, "text_encoder", "CLIP text encoder",
+                                 dtype=torch.float32 if offload else self.dtype)
         self.vae = load(AutoencoderKL, "vae", "VAE", torch_dtype=self.dtype)
         self.unet = load(UNet2DConditionModel, "unet", "UNet", torch_dtype=self.dtype)
         # Training noise schedule, whatever sampler the checkpoint ships: SDS noises like training does.
@@ -121,7 +127,6 @@ class StableDiffusionGuidance:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = config.image_size or self.latent_size * scale
         self.embeddings = EmbeddingCache(self.encode_text)
-        self.uncond = None
 
     def _place_modules(self) -> None:
         if self.config.cpu_offload and self.device.type == "cuda":
@@ -171,23 +176,25 @@ class StableDiffusionGuidance:
         t_low, t_high = round(low * last), max(round(low * last), round(high * last))
         return torch.randint(t_low, t_high + 1, (batch,), generator=generator).to(self.device)
 
-    @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                       uncond: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guided noise prediction (one UNet call on the doubled batch)."""
-        out = self.unet(torch.cat([latents_noisy] * 2), torch.cat([t] * 2),
-                        encoder_hidden_states=torch.cat([cond, uncond])).sample
+        """Classifier-free guided noise prediction (one UNet call on the doubled batch), in float32."""
+        noisy = torch.cat([latents_noisy] * 2).float()
+        with torch.inference_mode():  # no graph, no saved activations: the UNet is never differentiated
+            out = self.unet(noisy.to(self.dtype), torch.cat([t] * 2),
+                            encoder_hidden_states=torch.cat([cond, uncond])).sample
+        out = out.float().clone()  # clone: an ordinary tensor again, usable next to autograd
         if self.scheduler.config.prediction_type == "v_prediction":  # v -> eps (SD 2.x 768 models)
-            alpha = self.alphas[torch.cat([t] * 2)].view(-1, 1, 1, 1).to(out.dtype)
-            out = alpha.sqrt() * out + (1 - alpha).sqrt() * torch.cat([latents_noisy] * 2)
+            alpha = self.alphas[torch.cat([t] * 2)].view(-1, 1, 1, 1)
+            out = alpha.sqrt() * out + (1 - alpha).sqrt() * noisy
         eps_text, eps_uncond = out.chunk(2)
-        return combine_cfg(eps_uncond.float(), eps_text.float(), self.config.guidance_scale)
+        return combine_cfg(eps_uncond, eps_text, self.config.guidance_scale)
 
     def sds_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                      t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """w(t) (eps_hat - eps) for given noise and timesteps; no graph is kept."""
         with torch.no_grad():
-            noisy = self.scheduler.add_noise(latents.detach(), noise.to(latents.dtype), t)
+            noisy = self.scheduler.add_noise(latents.detach().float(), noise.float(), t)
             eps_hat = self.predict_noise(noisy, t, cond, uncond)
             grad = self.weights(t).view(-1, 1, 1, 1) * (eps_hat - noise.float())
             grad = torch.nan_to_num(grad)

@@ -56,7 +56,7 @@ class CameraSampling:
             bounds = getattr(self, name)
             if len(bounds) != 2 or bounds[0] > bounds[1]:
                 raise ValueError(f"{name} must be a range [low, high], got {bounds}")
-        if self.distance[0] <= 0 or not 0 < self.fov[0] and self.fov[1] < 180:
+        if self.distance[0] <= 0 or not (0 < self.fov[0] and self.fov[1] < 180):
             raise ValueError("distance must be positive and fov within (0, 180) degrees")
 
     def size_at_step(self, step: int) -> int:
@@ -175,6 +175,9 @@ class TextTo3D:
         prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
         guided = self.guidance(images, prompts, step, self.total_steps, generator=self.generator)
         loss = guided.loss + self.regularisers(out, dirs, shader.normals)
+        own = self.field.regularizer(step) if hasattr(self.field, "regularizer") else None
+        if own is not None:  # the representation's own (e.g. total variation)
+            loss = loss + own
         self.optimizer.zero_grad(set_to_none=True)
         self.background_optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -58,6 +58,44 @@ def test_sds_gradient_is_weighted_noise_residual(sd):
     torch.testing.assert_close(latents.grad * len(latents), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_v_prediction_is_converted_to_noise(tmp_path):
+    folder = make_tiny_stable_diffusion(tmp_path / "sd-v", prediction_type="v_prediction")
+    g = build("stable-diffusion", model=str(folder), guidance_scale=3.0)
+    noisy = torch.randn(1, 4, g.latent_size, g.latent_size)
+    t = torch.tensor([600])
+    cond, uncond = g.text_embeddings(["a cat"])
+    eps_hat = g.predict_noise(noisy, t, cond, uncond)
+    abar = g.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v_text = g.unet(noisy, t, encoder_hidden_states=cond).sample
+        v_uncond = g.unet(noisy, t, encoder_hidden_states=uncond).sample
+    to_eps = lambda v: abar.sqrt() * v + (1 - abar).sqrt() * noisy  # noqa: E731
+    expected = to_eps(v_uncond) + 3.0 * (to_eps(v_text) - to_eps(v_uncond))
+    torch.testing.assert_close(eps_hat, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_models_take_float32_renderings(tiny_sd):
+    """On CUDA the default is fp16; bf16 on the CPU exercises the same casts here."""
+    g = build("stable-diffusion", model=str(tiny_sd), dtype="bf16")
+    assert g.unet.dtype == torch.bfloat16
+    images = torch.rand(1, 3, 32, 32, requires_grad=True)
+    out = g(images, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and images.grad.abs().sum() > 0
+
+
+def test_checkpoints_shipping_another_scheduler_load_their_noise_schedule(tiny_sd, tmp_path):
+    """SD 2.1-base ships a PNDMScheduler config: score distillation reads its training schedule."""
+    from diffusers import PNDMScheduler
+
+    folder = tmp_path / "pndm"
+    shutil.copytree(tiny_sd, folder)
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  steps_offset=1).save_pretrained(folder / "scheduler")
+    g = build("stable-diffusion", model=str(folder))
+    torch.testing.assert_close(g.alphas, PNDMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod)
+
+
 def test_classifier_free_guidance_combines_as_specified():
     from gen3d_plugins.sd_guidance import combine_cfg
 
@@ -138,11 +176,15 @@ def test_clip_guidance_scores_augmented_views(clip):
     assert crops.shape == (6, 3, clip.input_size, clip.input_size)
 
 
-def test_clip_similarity_matches_transformers(clip):
-    """Our differentiable preprocessing gives the embedding the model's own API gives."""
-    x = torch.rand(1, 3, clip.input_size, clip.input_size)
+def test_clip_similarity_matches_transformers(clip, tiny_clip):
+    """Our differentiable preprocessing gives the embedding that the model's own processor gives."""
+    import numpy as np
+    from transformers import CLIPImageProcessor
+
+    array = np.random.default_rng(0).integers(0, 256, (clip.input_size, clip.input_size, 3), dtype=np.uint8)
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     ours = clip.encode_images(x)
-    pixel = (x - clip.mean) / clip.std
+    pixel = CLIPImageProcessor.from_pretrained(tiny_clip)(images=array, return_tensors="pt").pixel_values
     with torch.no_grad():
         theirs = clip.model.get_image_features(pixel_values=pixel)
     theirs = torch.nn.functional.normalize(getattr(theirs, "pooler_output", theirs), dim=-1)

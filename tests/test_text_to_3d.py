@@ -64,6 +64,34 @@ def test_clip_recipe_runs_with_tiny_clip(tiny_clip, tmp_path):
     check_run(tmp_path, rec, 20)
 
 
+def test_the_guidance_itself_moves_the_field(tiny_clip, tmp_path):
+    """Not only the regularisers: the same run with the guidance weighted 0 ends elsewhere."""
+    tables = []
+    for weight in (1.0, 0.0):
+        rec = recipe("clip-nerf.yaml", tiny_clip, "prompt=a red ball", "steps=8", f"guidance.weight={weight}",
+                     "export.formats=[ply]", "preview.turntable_frames=0")
+        run_recipe(rec, tmp_path / str(weight), quiet=True)
+        tables.append(load_checkpoint(tmp_path / str(weight) / "checkpoints" / "last.safetensors")
+                      ["loop"]["field"]["table"])
+    assert (tables[0] - tables[1]).abs().max() > 1e-4
+
+
+def test_sds_gradient_reaches_the_field(tiny_sd, tmp_path):
+    from gen3d.trainer import Run
+
+    rec = recipe("dreamfusion.yaml", tiny_sd, "prompt=a hamburger", "regularisers.entropy=0",
+                 "regularisers.orientation=0", "shading.albedo_only_steps=0")
+    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
+    loop = get_component("loop", "text-to-3d").factory(rec.loop, run=run)
+    views = loop.sample_views(1, 32)
+    origins, dirs = loop.view_rays(views.cameras)
+    out = loop.renderer.render(loop.field, origins, dirs, torch.ones(3))
+    images = out.rgb.view(1, 32, 32, 3).permute(0, 3, 1, 2)
+    loop.guidance(images, ["a hamburger"], 0, 10).loss.backward()
+    grad = loop.field.table.grad.coalesce()
+    assert grad.values().abs().sum() > 0
+
+
 def test_resume_continues_to_the_same_field(tiny_clip, tmp_path):
     straight = recipe("clip-nerf.yaml", tiny_clip, "prompt=a red ball", "steps=12", "checkpoint_every=6",
                       "export.formats=[ply]", "preview.turntable_frames=0")
@@ -99,3 +127,12 @@ def test_grid_normals_are_the_density_gradient():
     # Differentiable w.r.t. the grid, so shading and the orientation loss train the geometry.
     normals.sum().backward()
     assert field.table.grad is not None
+
+
+def test_impossible_camera_ranges_are_refused():
+    from gen3d_plugins.text_to_3d import CameraSampling
+
+    for bad in ({"fov": [-5.0, 200.0]}, {"fov": [40.0, 190.0]}, {"distance": [0.0, 1.0]},
+                {"elevation": [60.0, 10.0]}, {"sizes": [64, 128]}):
+        with pytest.raises(ValueError):
+            CameraSampling(**bad)
