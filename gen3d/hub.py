@@ -76,6 +76,11 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, key: str, what: s
         raise ConfigError(missing_message(model_id, key, first_line(exc))) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{key}: {model_id!r} does not hold a {what} ({first_line(exc)})") from None
+    except ImportError as exc:  # e.g. a checkpoint whose config asks for timm, which is not installed
+        library = exc.name or next(iter(re.findall(r"requires the (\S+) library", str(exc))), None)
+        needs = f"the {library} library, which is not installed (`pip install {library}`)" if library else \
+            "a library that is not installed"
+        raise ConfigError(f"{key}: {model_id!r} needs {needs}: {first_line(exc)}") from None
 
 
 def first_line(exc: BaseException) -> str:

@@ -15,8 +15,9 @@ when a model preprocessor is built, so listing plugins stays fast.
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,25 +42,46 @@ def _device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def _load(loader, model_id: str, key: str, what: str, kinds: tuple[str, ...], device: str, dtype: str):
+def _load(loader, model_id: str, key: str, what: str, kinds: tuple[str, ...], device: str, dtype: str,
+          check: Callable[[Any], dict[str, Any]] | None = None, revision: str | None = None):
     """(model, processor) in eval mode on the device, both through the hub loader.
 
     ``kinds``: the config ``model_type`` values this preprocessor can run (empty: any the loader
     accepts). Checked first, because transformers would otherwise load, say, a depth model's
-    folder as a SAM with random weights and only warn.
+    folder as a SAM with random weights and only warn. ``check(config)`` may refuse the config
+    (ConfigError) or answer other load arguments (a hub ``revision``); the config is then reloaded
+    with them and checked again.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
     target = _device(device)
-    config = load_pretrained(AutoConfig.from_pretrained, model_id, f"{key}.model", what)
+    extra: dict[str, Any] = {"revision": revision} if revision else {}
+    config = _config(AutoConfig.from_pretrained, model_id, key, what, kinds, extra)
+    more = check(config) if check is not None else {}
+    try:
+        if more:
+            extra.update(more)
+            config = _config(AutoConfig.from_pretrained, model_id, key, what, kinds, extra)
+            check(config)
+        model = load_pretrained(loader, model_id, f"{key}.model", what, config=config,
+                                dtype=pick_dtype(dtype, target), **extra)
+        processor_loader = AutoProcessor if what.startswith(("OWLv2", "SAM")) else AutoImageProcessor
+        processor = load_pretrained(processor_loader.from_pretrained, model_id, f"{key}.model",
+                                    f"{what} processor", backend=BACKEND, **extra)
+    except ConfigError as exc:
+        if "revision" not in more:
+            raise
+        raise ConfigError(f"{exc} [its {more['revision']!r} revision was asked for because timm is not installed: "
+                          f"`hf download {model_id} --revision {more['revision']}`]") from None
+    return model.to(target).eval(), processor
+
+
+def _config(loader, model_id: str, key: str, what: str, kinds: tuple[str, ...], extra: dict[str, Any]):
+    config = load_pretrained(loader, model_id, f"{key}.model", what, **extra)
     if kinds and config.model_type not in kinds:
         raise ConfigError(f"{key}.model: {model_id!r} holds a {config.model_type!r} model, not a {what} "
                           f"({' or '.join(kinds)})")
-    model = load_pretrained(loader, model_id, f"{key}.model", what, config=config, dtype=pick_dtype(dtype, target))
-    processor_loader = AutoProcessor if what.startswith(("OWLv2", "SAM")) else AutoImageProcessor
-    processor = load_pretrained(processor_loader.from_pretrained, model_id, f"{key}.model",
-                                f"{what} processor", backend=BACKEND)
-    return model.to(target).eval(), processor
+    return config
 
 
 def _inputs(batch, model) -> dict[str, Any]:
@@ -125,6 +147,7 @@ class Owlv2Detector:
 @dataclass
 class DetrConfig:
     model: str = "facebook/detr-resnet-50"
+    revision: str | None = None  # a hub branch or commit; facebook/detr-resnet-* use "no_timm" without timm
     threshold: float = 0.7
     nms_iou: float = 0.5
     max_detections: int = 20
@@ -139,8 +162,10 @@ class DetrDetector:
         from transformers import DetrForObjectDetection
 
         self.config, self.role = config, role
+        check = lambda loaded: _detr_backbone(loaded, config.model, role, config.revision)
         self.model, self.processor = _load(DetrForObjectDetection.from_pretrained, config.model, role,
-                                           "DETR detector", ("detr",), config.device, config.dtype)
+                                           "DETR detector", ("detr",), config.device, config.dtype,
+                                           check=check, revision=config.revision)
         self.classes = {int(i): name for i, name in self.model.config.id2label.items()}
 
     @torch.no_grad()
@@ -171,6 +196,32 @@ class DetrDetector:
                               f"none is in the prompt {' / '.join(map(repr, prompts))}; "
                               "use owlv2 for free-text prompts")
         return named
+
+
+# The official DETR checkpoints keep a branch whose backbone is transformers' own ResNet.
+NO_TIMM_REVISION = {"facebook/detr-resnet-50": "no_timm", "facebook/detr-resnet-101": "no_timm"}
+
+
+def has_timm() -> bool:
+    return importlib.util.find_spec("timm") is not None
+
+
+def uses_timm_backbone(config) -> bool:
+    """A DETR config that builds its backbone with timm (``use_timm_backbone: true`` in config.json)."""
+    backbone = getattr(config, "backbone_config", None)
+    return bool(getattr(config, "use_timm_backbone", False)) or getattr(backbone, "model_type", "") == "timm_backbone"
+
+
+def _detr_backbone(config, model_id: str, role: str, revision: str | None) -> dict[str, Any]:
+    """Load arguments that avoid timm when it is missing; a clear error when nothing can."""
+    if not uses_timm_backbone(config) or has_timm():
+        return {}
+    if revision is None and model_id in NO_TIMM_REVISION:
+        return {"revision": NO_TIMM_REVISION[model_id]}
+    raise ConfigError(f"{role}.model: {model_id!r} uses a timm backbone (use_timm_backbone: true in its config) "
+                      "and timm is not installed: `pip install timm`, or use a DETR checkpoint with a "
+                      "transformers backbone (facebook/detr-resnet-50 and -101 load their 'no_timm' revision "
+                      "by themselves)")
 
 
 # --- SAM: box- or point-prompted segmentation ------------------------------------------------

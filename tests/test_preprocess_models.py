@@ -191,6 +191,80 @@ def test_detr_prompts_pick_classes_or_say_why_not(models):
         detector.detect(IMAGE, ["a giraffe"])
 
 
+def make_timm_detr(folder):
+    """A DETR folder whose config asks for a timm backbone, as facebook/detr-resnet-50's main branch does."""
+    from transformers import DetrConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = DetrConfig(use_timm_backbone=True, d_model=32, encoder_layers=1, decoder_layers=1, num_queries=6)
+    config.save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["use_timm_backbone"] = True  # what the hub's config.json says (transformers 5 folds it into backbone_config)
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture
+def no_timm(monkeypatch):
+    import gen3d_plugins.preprocess_models as plugin
+
+    monkeypatch.setattr(plugin, "has_timm", lambda: False)
+    return plugin
+
+
+def test_detr_with_a_timm_backbone_and_no_timm_is_a_clear_error(no_timm, tmp_path, capsys):
+    folder = make_timm_detr(tmp_path / "detr-timm")
+    with pytest.raises(ConfigError, match=r"detector\.model: .*detr-timm.* uses a timm backbone .*`pip install timm`"):
+        make("detector", "detr", folder)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(IMAGE).save(photo)
+    assert main(["preprocess", str(photo), "--detector", "detr", f"detector.model={folder}",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install timm" in err[0], err
+
+
+def test_detr_resnet_hub_ids_load_their_no_timm_revision(no_timm, models, tmp_path, monkeypatch):
+    # Stand-ins for the hub: the main branch needs timm, the no_timm branch has a transformers ResNet.
+    timm_folder = make_timm_detr(tmp_path / "main")
+    calls = []
+    real = no_timm.load_pretrained
+
+    def hub(loader, model_id, key, what, **kwargs):
+        revision = kwargs.pop("revision", None)
+        calls.append((model_id, revision))
+        return real(loader, str(models["detr"] if revision == "no_timm" else timm_folder), key, what, **kwargs)
+
+    monkeypatch.setattr(no_timm, "load_pretrained", hub)
+    detector = build("detector", {"type": "detr", "device": "cpu", "threshold": 0.0})
+    assert calls[0] == ("facebook/detr-resnet-50", None)
+    assert all(call == ("facebook/detr-resnet-50", "no_timm") for call in calls[1:]) and len(calls) == 4
+    assert len(detector.detect(IMAGE, [])) > 0
+
+
+def test_hub_loader_turns_a_missing_library_into_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    from transformers import AutoConfig, DetrForObjectDetection
+
+    from gen3d.hub import load_pretrained
+
+    folder = make_timm_detr(tmp_path / "detr-timm")
+    build_it = lambda source, **kw: DetrForObjectDetection(AutoConfig.from_pretrained(source))
+    with pytest.raises(ConfigError, match=r"detector\.model: .*detr-timm.* needs the timm library, which is not "
+                                          r"installed \(`pip install timm`\)") as caught:
+        load_pretrained(build_it, str(folder), "detector.model", "DETR detector")
+    assert "\n" not in str(caught.value)
+
+    def missing(source, **kw):
+        raise ModuleNotFoundError("No module named 'einops'", name="einops")
+
+    with pytest.raises(ConfigError, match=r"depth\.model: .* needs the einops library"):
+        load_pretrained(missing, str(folder), "depth.model", "depth model")
+
+
 # --- segmenter and depth ------------------------------------------------------------------
 
 
