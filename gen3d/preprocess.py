@@ -19,6 +19,8 @@ and writing the output folder (``gen3d preprocess``).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from .boxes import batched_nms, box_area
 from .config import Choice, Context, _choice, choice, from_dict
 from .errors import ConfigError, DataError
 from .images import LoadedImage, read_image, write_png
-from .io import atomic_path, inside, write_json
+from .io import inside, write_json
 from .plugins import get_component
 
 KIND = "preprocessor"
@@ -400,7 +402,13 @@ OUTPUTS = ("rgba.png", "mask.png", "detections.json", "overview.png", "depth.npy
 
 def preprocess_file(path: Path | str, settings: PreprocessSettings, out_dir: Path | str,
                     prompts: Sequence[str] = (), stage: Preprocessor | None = None) -> PreprocessResult:
-    """Read ``path``, run the stage, write the output folder; returns the result."""
+    """Read ``path``, run the stage, write the output folder; returns the result.
+
+    The folder is checked (and made) first, before any model loads, and this stage's outputs
+    from an earlier run are removed: a run that fails leaves none that could pass for its own.
+    """
+    out_dir = prepare_out_dir(out_dir)
+    clear_outputs(out_dir)
     stage = stage or Preprocessor(settings)
     clock = time.perf_counter()
     image = read_image(path)
@@ -413,23 +421,56 @@ def preprocess_file(path: Path | str, settings: PreprocessSettings, out_dir: Pat
     return result
 
 
+def prepare_out_dir(out_dir: Path | str) -> Path:
+    """The output folder, made if missing; a DataError naming it when it cannot be one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: the output folder is an existing file; pick another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot make the output folder ({exc.strerror or exc})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise DataError(f"{out_dir}: the output folder is not writable")
+    return out_dir
+
+
+def clear_outputs(out_dir: Path | str) -> None:
+    """Remove this stage's outputs from ``out_dir`` (only those names; nothing else is touched)."""
+    try:
+        for name in OUTPUTS:
+            inside(Path(out_dir), name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot remove an earlier run's outputs ({exc})") from None
+
+
 def write_outputs(result: PreprocessResult, out_dir: Path | str, settings: PreprocessSettings,
                   prompts: Sequence[str] = ()) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write every output into a scratch folder inside ``out_dir``, then move them all into place.
+
+    Outputs of an earlier run that this one does not write (depth) are removed, so the folder
+    never mixes two runs.
+    """
+    out_dir = prepare_out_dir(out_dir)
     paths = {name: inside(out_dir, name) for name in OUTPUTS}
-    write_png(paths["rgba.png"], result.rgba)
-    write_png(paths["mask.png"], result.mask.astype(np.uint8) * 255)
-    if result.depth is not None:
-        # np.save on a path would add a second ".npy" to the temporary name: hand it a file.
-        with atomic_path(paths["depth.npy"]) as tmp, open(tmp, "wb") as f:
-            np.save(f, result.depth.depth.astype(np.float32))
-        write_png(paths["depth.png"], depth_picture(result.depth.depth))
-    else:  # a stale depth from an earlier run in this folder would belong to another image
-        for name in ("depth.npy", "depth.png"):
-            paths[name].unlink(missing_ok=True)
-    write_png(paths["overview.png"], overview(result))
-    write_json(paths["detections.json"], describe(result, settings, prompts))
+    try:
+        with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir) as scratch:
+            scratch = Path(scratch)
+            write_png(scratch / "rgba.png", result.rgba)
+            write_png(scratch / "mask.png", result.mask.astype(np.uint8) * 255)
+            if result.depth is not None:
+                # np.save on a path would add a second ".npy" to the temporary name: hand it a file.
+                with open(scratch / "depth.npy", "wb") as f:
+                    np.save(f, result.depth.depth.astype(np.float32))
+                write_png(scratch / "depth.png", depth_picture(result.depth.depth))
+            write_png(scratch / "overview.png", overview(result))
+            write_json(scratch / "detections.json", describe(result, settings, prompts))
+            clear_outputs(out_dir)
+            for name in OUTPUTS:
+                if (scratch / name).exists():
+                    os.replace(scratch / name, paths[name])
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot write the outputs ({exc})") from None
     return {name: path for name, path in paths.items() if path.exists()}
 
 

@@ -288,6 +288,40 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(lines) == 3
 
 
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import gen3d.preprocess as stage_module
+
+    photo = save(tmp_path / "photo.png", np.full((64, 64, 3), 90, np.uint8))
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the photo was read before the output folder was checked")
+
+    monkeypatch.setattr(stage_module, "read_image", never)
+    monkeypatch.setattr(stage_module, "Preprocessor", never)
+    with pytest.raises(DataError, match="taken: the output folder is an existing file"):
+        preprocess_file(photo, load_settings({}), taken)
+    with pytest.raises(DataError, match=r"taken/sub: cannot make the output folder"):
+        preprocess_file(photo, load_settings({}), taken / "sub")
+    assert main(["preprocess", str(photo), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gen3d: error: ") and str(taken) in err[0]
+    assert taken.read_text() == "not a folder"
+
+
+def test_a_failed_run_leaves_no_earlier_outputs_behind(stage, plain_composites, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")
+    preprocess_file(save(tmp_path / "good.png", plain_composites[0][0]), stage.settings, out, stage=stage)
+    assert {"rgba.png", "mask.png", "detections.json"} <= {p.name for p in out.iterdir()}
+    blank = save(tmp_path / "blank.png", np.full((200, 300, 3), 200, np.uint8))
+    with pytest.raises(DataError, match="no object found"):
+        preprocess_file(blank, stage.settings, out, stage=stage)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing stale, nothing else touched
+
+
 def test_settings_are_checked_before_any_work():
     with pytest.raises(ConfigError, match="pick: expected one of 'score', 'largest'"):
         load_settings({"pick": "biggest"})
