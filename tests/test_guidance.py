@@ -143,6 +143,14 @@ def test_guidance_step_reaches_images_without_keeping_unet_graphs(sd):
     assert 0 <= out.metrics["sds_t"] <= 999
 
 
+def test_rendered_latents_skip_the_vae(sd, monkeypatch):
+    """A representation that renders 4-channel latents (Latent-NeRF style) is guided directly."""
+    monkeypatch.setattr(sd, "encode_images", lambda *a, **k: pytest.fail("the VAE must not run on latents"))
+    latents = torch.randn(1, 4, sd.latent_size, sd.latent_size, requires_grad=True)
+    sd(latents, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert latents.grad.abs().sum() > 0
+
+
 def test_gradient_clipping(tiny_sd):
     clipped = build("stable-diffusion", model=str(tiny_sd), grad_clip=0.01)
     latents = torch.randn(1, 4, clipped.latent_size, clipped.latent_size)
