@@ -8,7 +8,9 @@ a :class:`~gen3d.errors.DataError` that names the file.
 
 from __future__ import annotations
 
+import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,29 +38,58 @@ class LoadedImage:
         return self.rgb.shape[1] / self.input_size[0]
 
 
-def read_image(path: Path | str, max_side: int | None = None) -> LoadedImage:
-    """Read ``path`` upright as RGB (+ alpha); shrink so the longer side is at most ``max_side``."""
+# Photos up to this many pixels are read (PIL's own guard, ~179 MP, would refuse a 200 MP camera's
+# photos). Beyond it the file is refused before decoding: it would need gigabytes of memory.
+MAX_PIXELS = 1_000_000_000
+
+
+@contextmanager
+def _pixel_limit(limit: int):
+    """PIL's decompression-bomb limit set to ``limit`` within the block, restored after."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def read_image(path: Path | str, max_side: int | None = None, *, reduce_to: int | None = None) -> LoadedImage:
+    """Read ``path`` upright as RGB (+ alpha); shrink so the longer side is at most ``max_side``.
+
+    ``reduce_to``: a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size (much faster, much less
+    memory) as long as its longer side stays at least this; nothing else is resized, and
+    ``input_size`` / ``scale`` say how the pixels relate to the file's.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(MAX_PIXELS):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big photos are expected here
             with Image.open(path) as img:
-                return _decode(img, path, max_side)
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(f"{path}: the image is too large to read ({width}x{height} = "
+                                    f"{width * height / 1e6:.0f} megapixels; at most {MAX_PIXELS / 1e6:.0f})")
+                return _decode(img, path, max_side, reduce_to or max_side)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
 
 
-def _decode(img: Image.Image, path: Path, max_side: int | None) -> LoadedImage:
+def _decode(img: Image.Image, path: Path, max_side: int | None, reduce_to: int | None) -> LoadedImage:
     width, height = img.size
     if width == 0 or height == 0:
         raise DataError(f"{path}: the image is empty ({width}x{height})")
     rotated = _exif_orientation(img) in (5, 6, 7, 8)  # these turn the picture by 90 degrees
     input_size = (height, width) if rotated else (width, height)
-    if max_side and img.format == "JPEG" and max(width, height) > 2 * max_side:
-        # JPEG can decode at 1/2, 1/4, 1/8 size directly: much faster for 4000 px photos.
-        img.draft("RGB", (max_side, max_side))
+    if reduce_to and img.format == "JPEG" and max(width, height) >= 2 * reduce_to:
+        # JPEG can decode at 1/2, 1/4, 1/8 size directly: much faster for large photos. draft()
+        # picks the strongest reduction that keeps both sides at least the size asked for.
+        factor = reduce_to / max(width, height)
+        img.draft("RGB", (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
     img = ImageOps.exif_transpose(img)
     rgb, alpha = _to_rgb_alpha(img)
     if alpha is not None and alpha.max() == 0:
@@ -79,10 +110,11 @@ def _exif_orientation(img: Image.Image) -> int:
 
 
 def _to_rgb_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit (or 32-bit) grey: scale its range to 8 bits rather than clipping at 255.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit (or 32-bit) grey: scale by the file's bit depth to 8 bits, not clip at 255. The depth
+        # comes from the mode, not the values: a dark 16-bit picture (all values <= 255) stays dark.
         grey = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and grey.max() <= 1.0 else (65535.0 if grey.max() > 255 else 255.0)
+        top = _full_scale(img, grey)
         grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1), None
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
@@ -91,6 +123,29 @@ def _to_rgb_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     rgba = np.asarray(img.convert("RGBA"))
     alpha = rgba[..., 3]
     return np.ascontiguousarray(rgba[..., :3]), (alpha if alpha.min() < 255 else None)
+
+
+def _full_scale(img: Image.Image, grey: np.ndarray) -> float:
+    """The value that means white for a high-bit-depth grey image."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode == "I":
+        bits = _bits_per_sample(img)
+        if bits is None:  # PNG and PPM hold at most 16 bits; a 32-bit TIFF says so in its tags
+            bits = 16 if img.format in ("PNG", "PPM") or grey.max() <= 65535 else 32
+        return float(2 ** bits - 1)
+    # float ("F"): no bit depth to go by; 0..1 is the usual convention
+    return 1.0 if grey.max() <= 1.0 else (65535.0 if grey.max() > 255 else 255.0)
+
+
+def _bits_per_sample(img: Image.Image) -> int | None:
+    try:
+        bits = img.tag_v2.get(258)  # TIFF BitsPerSample
+    except AttributeError:
+        return None
+    if isinstance(bits, (tuple, list)):
+        bits = bits[0] if bits else None
+    return int(bits) if bits else None
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

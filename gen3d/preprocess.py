@@ -240,30 +240,49 @@ def _same_choice(a: Any, b: Any) -> bool:
 
 
 def preprocess(image: LoadedImage, stage: Preprocessor, prompts: Sequence[str] = ()) -> PreprocessResult:
-    """Run the stage on a loaded (full-size, upright) image; nothing is written."""
+    """Run the stage on a loaded upright image; nothing is written.
+
+    ``image.rgb`` may be smaller than the input (a large JPEG decoded at reduced scale): the
+    components see it shrunk further to ``max_side``, the crop is cut from it, and the mask,
+    boxes and depth are returned in the input's own pixels all the same.
+    """
     settings, seconds = stage.settings, {}
     clock = time.perf_counter()
-    work, scale = shrink(image.rgb, settings.max_side)
+    decoded = (image.rgb.shape[1], image.rgb.shape[0])
+    work, work_scale = shrink(image.rgb, settings.max_side)
     notes: list[str] = []
-    if image.alpha is not None and settings.use_alpha:
-        mask = image.alpha >= 128
-        box = mask_box(mask)
+    if image.scale < 1:
+        notes.append(f"the input ({image.input_size[0]}x{image.input_size[1]}) was decoded at {decoded[0]}x"
+                     f"{decoded[1]} for speed; mask, boxes and depth are in input pixels")
+    alpha = image.alpha if settings.use_alpha else None
+    if alpha is not None:
+        why_not = alpha_is_not_a_cutout(alpha)
+        if why_not:
+            notes.append(f"the input has an alpha channel, but {why_not}: it is segmented like a photo")
+            alpha = None
+    if alpha is not None:
+        local = alpha >= 128  # decoded pixels
+        box = mask_box(local)
         if box is None:
             raise DataError(f"{image.path}: its alpha channel holds no opaque object")
-        detections = Detections(torch.tensor([box]), torch.ones(1), ["alpha"])
+        detections = _to_input_pixels(Detections(torch.tensor([box]), torch.ones(1), ["alpha"]), image.scale,
+                                      image.input_size)
         chosen, unsure = None, []
+        mask = upsample_mask(local, image.input_size)
         notes.append("the input has transparency: its alpha channel is the mask (use_alpha=false to segment it)")
     else:
         detections, chosen, work_mask, unsure = _find_object(work, image.path, stage, prompts, seconds)
         notes += detections.notes
-        detections = _to_input_pixels(detections, scale, image.input_size)
+        detections = _to_input_pixels(detections, image.scale * work_scale, image.input_size)
+        local = upsample_mask(work_mask, decoded)
         mask = upsample_mask(work_mask, image.input_size)
     object_box = mask_box(mask)
-    if object_box is None:
+    if object_box is None or not local.any():
         raise DataError(f"{image.path}: the segmenter returned an empty mask: no object found")
-    unsure += mask_doubts(mask, settings.max_cover)
+    if alpha is None:  # a cut-out's alpha is the user's own mask: border and cover are no reason to doubt it
+        unsure += mask_doubts(mask, settings.max_cover)
     clock = _lap(seconds, "segment", clock)
-    rgba = centre_object(image.rgb, mask, settings.size, settings.fill)
+    rgba = centre_object(image.rgb, local, settings.size, settings.fill, alpha=alpha)
     clock = _lap(seconds, "crop", clock)
     depth = None
     if stage.depth is not None:
@@ -271,6 +290,26 @@ def preprocess(image: LoadedImage, stage: Preprocessor, prompts: Sequence[str] =
         depth = DepthMap(resize_float(found.depth, image.input_size), found.raw_range, found.model)
         _lap(seconds, "depth", clock)
     return PreprocessResult(rgba, mask, detections, chosen, object_box, unsure, notes, depth, image, seconds)
+
+
+# An alpha channel is a cut-out (and becomes the mask) only when this share of pixels is transparent.
+MIN_TRANSPARENT = 0.01
+
+
+def alpha_is_not_a_cutout(alpha: np.ndarray) -> str | None:
+    """Why an alpha channel is not an object's cut-out, or None when it is one.
+
+    A PNG with a few semi-transparent pixels, or transparent rounded corners, is a photo; a
+    cut-out has a real transparent background around the object.
+    """
+    transparent = float((alpha < 128).mean())
+    if transparent < MIN_TRANSPARENT:
+        return f"only {transparent:.1%} of its pixels are transparent (a cut-out has at least {MIN_TRANSPARENT:.0%})"
+    opaque = mask_box(alpha >= 128)
+    height, width = alpha.shape
+    if opaque is not None and opaque == [0.0, 0.0, float(width), float(height)]:
+        return "its opaque part spans the whole picture (transparency at the corners or edges only)"
+    return None
 
 
 def _lap(seconds: dict[str, float], name: str, since: float) -> float:
@@ -325,11 +364,16 @@ def shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
 
 def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A bool mask resized to ``size`` (width, height) with smooth edges, not blocky ones."""
+    """A bool mask resized to ``size`` (width, height) with smooth edges, not blocky ones.
+
+    Through uint8, not float: a 100-megapixel mask then needs 100 MB, not 400.
+    """
     if mask.shape[::-1] == tuple(size):
         return mask
-    soft = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    return soft >= 0.5
+    shrinking = size[0] < mask.shape[1]
+    soft = cv2.resize(np.asarray(mask, bool).view(np.uint8) * np.uint8(255), size,
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return soft >= 128
 
 
 def resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -359,15 +403,20 @@ def mask_doubts(mask: np.ndarray, max_cover: float) -> list[str]:
     return doubts
 
 
-def centre_object(rgb: np.ndarray, mask: np.ndarray, size: int, fill: float) -> np.ndarray:
-    """RGBA ``size`` x ``size``: the mask's box centred, its longer side ``fill`` of the frame."""
+def centre_object(rgb: np.ndarray, mask: np.ndarray, size: int, fill: float,
+                  alpha: np.ndarray | None = None) -> np.ndarray:
+    """RGBA ``size`` x ``size``: the mask's box centred, its longer side ``fill`` of the frame.
+
+    ``alpha``: a soft uint8 alpha (a cut-out's own) carried into the output instead of the mask.
+    """
     x0, y0, x1, y1 = mask_box(mask)
     side = max(x1 - x0, y1 - y0) / fill  # the square of the input that becomes the output
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
     scale = size / side
     # Cut that square in whole pixels (zeros outside the photo); the sub-pixel rest goes into the warp.
     ix, iy, iside = int(np.floor(left)), int(np.floor(top)), int(np.ceil(side)) + 1
-    alpha = _cut(mask[..., None].astype(np.float32), ix, iy, iside)
+    coverage = mask.astype(np.float32) if alpha is None else alpha.astype(np.float32) / 255.0
+    alpha = _cut(coverage[..., None], ix, iy, iside)
     # Premultiplied colour, so edge pixels don't pick up the background's colour when resampled.
     crop = np.concatenate([_cut(rgb, ix, iy, iside).astype(np.float32) * alpha, alpha * 255.0], axis=-1)
     k = scale
@@ -411,7 +460,8 @@ def preprocess_file(path: Path | str, settings: PreprocessSettings, out_dir: Pat
     clear_outputs(out_dir)
     stage = stage or Preprocessor(settings)
     clock = time.perf_counter()
-    image = read_image(path)
+    # A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (twice max_side at least, for the crop's detail).
+    image = read_image(path, reduce_to=2 * settings.max_side)
     result = preprocess(image, stage, prompts)
     result.seconds = {"read": round(time.perf_counter() - clock - sum(result.seconds.values()), 4),
                       **result.seconds}
@@ -512,6 +562,7 @@ def depth_picture(depth: np.ndarray) -> np.ndarray:
 def overview(result: PreprocessResult, max_side: int = 768) -> np.ndarray:
     """The input with the mask tinted, every box with its score, the chosen box thicker; + the result."""
     picture, scale = shrink(result.image.rgb, max_side)
+    scale *= result.image.scale  # picture pixels per input pixel (the boxes are in input pixels)
     mask = upsample_mask(result.mask, picture.shape[1::-1])
     tinted = picture.astype(np.float32)
     tinted[mask] = 0.55 * tinted[mask] + 0.45 * np.array([40, 200, 255])

@@ -253,6 +253,76 @@ def test_rgba_input_uses_its_alpha_as_the_mask(stage, tmp_path):
     assert preprocess(read_image(path), Preprocessor(settings)).chosen == 0  # segmented instead
 
 
+def test_a_stray_translucent_pixel_does_not_make_a_photo_a_cutout(stage, plain_composites, tmp_path):
+    rgb, truth = plain_composites[0]
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[5, 5, 3] = 250  # one pixel off fully opaque: an editor's leftover, not a cut-out
+    result = preprocess(read_image(save(tmp_path / "speck.png", rgba)), stage)
+    assert result.chosen == 0 and iou(result.mask, truth) >= 0.9
+    assert any("only 0.0% of its pixels are transparent" in note for note in result.notes)
+    # Transparent rounded corners (a few % of the picture): still a photo, not a cut-out.
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = int(0.15 * min(h, w))
+    cx, cy = np.clip(xx, r, w - 1 - r), np.clip(yy, r, h - 1 - r)
+    rgba[..., 3] = np.where(np.hypot(xx - cx, yy - cy) > r, 0, 255)
+    assert (rgba[..., 3] == 0).mean() > 0.01
+    result = preprocess(read_image(save(tmp_path / "rounded.png", rgba)), stage)
+    assert result.chosen == 0 and iou(result.mask, truth) >= 0.9
+    assert any("spans the whole picture" in note for note in result.notes)
+
+
+def test_cutout_keeps_its_soft_alpha_and_may_touch_the_border(stage, tmp_path):
+    canvas = np.zeros((200, 200, 4), np.uint8)
+    canvas[..., :3] = (200, 40, 40)
+    canvas[60:200, 50:100, 3] = 255  # opaque, standing on the bottom edge
+    canvas[60:200, 100:150, 3] = 100  # a translucent part (glass): under 128, yet part of the cut-out
+    result = preprocess(read_image(save(tmp_path / "cutout.png", canvas)), stage)
+    assert result.chosen is None and result.unsure == []  # touching the border is no doubt for a cut-out
+    alpha = result.rgba[..., 3].astype(int)
+    assert (np.abs(alpha - 100) <= 3).sum() > 2000  # carried through, not thresholded to 0
+    assert alpha.max() == 255
+
+
+def test_large_jpeg_is_decoded_small_but_outputs_stay_in_input_pixels(tmp_path, plain_composites):
+    rgb, truth = plain_composites[2]
+    big = cv2.resize(rgb, (rgb.shape[1] * 4, rgb.shape[0] * 4), interpolation=cv2.INTER_LINEAR)
+    big_truth = cv2.resize(truth.astype(np.uint8), big.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    settings = load_settings({"max_side": 256})  # decoded at 1/2 or 1/4: at least 512 px on the longer side
+    result = preprocess_file(save(tmp_path / "big.jpg", big, quality=90), settings, tmp_path / "out")
+    assert result.image.scale <= 0.5 and max(result.image.rgb.shape[:2]) >= 512
+    assert result.image.input_size == (big.shape[1], big.shape[0])
+    assert result.mask.shape == big.shape[:2] and iou(result.mask, big_truth) >= 0.9
+    assert Image.open(tmp_path / "out" / "mask.png").size == (big.shape[1], big.shape[0])
+    x0, y0, x1, y1 = json.loads((tmp_path / "out" / "detections.json").read_text())["chosen"]["box"]
+    tx0, ty0, tx1, ty1 = mask_box(big_truth)
+    assert max(abs(x0 - tx0), abs(y0 - ty0), abs(x1 - tx1), abs(y1 - ty1)) < 24  # input pixels, 4x the photo's
+    assert any("decoded at" in note for note in result.notes)
+
+
+def test_pixel_limits(tmp_path, monkeypatch):
+    import gen3d.images
+
+    path = save(tmp_path / "photo.png", np.full((100, 120, 3), 90, np.uint8))
+    # PIL's own guard (here lowered to 1000 px; ~179 MP by default) does not refuse big photos ...
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert read_image(path).input_size == (120, 100)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # ... and is restored after reading
+    # ... ours does, in one line that says why.
+    monkeypatch.setattr(gen3d.images, "MAX_PIXELS", 10000)
+    with pytest.raises(DataError, match=r"photo.png: the image is too large to read \(120x100"):
+        read_image(path)
+
+
+def test_folder_and_dark_16bit_inputs(tmp_path):
+    with pytest.raises(DataError, match="is a folder, not an image file"):
+        read_image(tmp_path)
+    dark = np.tile(np.arange(0, 256, dtype=np.uint16), (16, 1))  # a 16-bit picture whose values are all <= 255
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    loaded = read_image(tmp_path / "dark16.png")
+    assert loaded.rgb.max() <= 1  # 255 of 65535 is nearly black, not white
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no such image file"),
     (b"", "cannot read image"),
