@@ -168,11 +168,11 @@ def load_settings(data: dict | None, ctx: Context | None = None) -> PreprocessSe
     """Settings from plain data (YAML, command line), every component name and key checked."""
     ctx = ctx or Context(source="preprocess")
     settings = from_dict(PreprocessSettings, data or {}, ctx)
-    settings.depth = _optional_choice(settings.depth, ctx, "depth")
+    settings.depth = optional_choice(settings.depth, ctx, "depth")
     return settings
 
 
-def _optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
+def optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
     # The config module's choice() fields always have a component; depth may have none.
     if raw is None or isinstance(raw, Choice):
         return raw
@@ -181,7 +181,7 @@ def _optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
 
 def build(role: str, picked: Choice | str | dict, where: str = "preprocess") -> Any:
     """Build the preprocessor ``picked`` for ``role``, refusing one that cannot play it."""
-    picked = _optional_choice(picked, Context(source=where), role)
+    picked = optional_choice(picked, Context(source=where), role)
     component = get_component(KIND, picked.type, where=f"{where}: {role}")
     declared = roles_of(component.config)
     if declared is not None and role not in declared:

@@ -223,6 +223,9 @@ def _grabcut(image: np.ndarray, labels: np.ndarray, iterations: int) -> np.ndarr
         return labels == cv2.GC_FGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     labels = labels.copy()
+    # GrabCut seeds its colour models with k-means on OpenCV's global RNG: fix it, so the same
+    # photo gives the same mask every time, not only in a fresh process.
+    cv2.setRNGSeed(0)
     cv2.grabCut(np.ascontiguousarray(image), labels, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     return np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD))
 
