@@ -1,5 +1,5 @@
 """Model preprocessors from transformers: ``owlv2``, ``detr`` (detectors), ``sam`` (segmenter),
-``depth-anything`` (depth; DPT checkpoints load the same way).
+``depth-anything`` (relative depth; DPT checkpoints load the same way, metric-depth models are refused).
 
 Each loads a hub id or a local ``save_pretrained`` folder through :func:`gen3d.hub.load_pretrained`,
 so a missing download is one clear line, not a traceback. Weights are fetched only when a
@@ -275,6 +275,21 @@ class SamSegmenter:
 # --- Depth Anything / DPT: relative depth -----------------------------------------------------
 
 
+# Models whose output is affine-invariant inverse depth (larger = nearer), the convention of DepthMap.
+# ZoeDepth, GLPN, Depth Pro and metric Depth Anything predict metric depth (larger = farther): refused,
+# not mislabelled.
+RELATIVE_DEPTH = ("depth_anything", "dpt")
+
+
+def _relative_only(config, model_id: str, role: str) -> dict[str, Any]:
+    kind = getattr(config, "depth_estimation_type", "relative")
+    if kind != "relative":
+        raise ConfigError(f"{role}.model: {model_id!r} predicts {kind} depth (depth_estimation_type: {kind}); "
+                          "depth-anything writes relative inverse depth and takes only relative checkpoints, "
+                          "e.g. depth-anything/Depth-Anything-V2-Small-hf")
+    return {}
+
+
 @dataclass
 class DepthConfig:
     model: str = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -290,7 +305,8 @@ class DepthEstimator:
 
         self.config = config
         self.model, self.processor = _load(AutoModelForDepthEstimation.from_pretrained, config.model, role,
-                                           "depth model", (), config.device, config.dtype)
+                                           "relative depth model", RELATIVE_DEPTH, config.device, config.dtype,
+                                           check=lambda loaded: _relative_only(loaded, config.model, role))
 
     @torch.no_grad()
     def estimate_depth(self, image: np.ndarray) -> DepthMap:
@@ -314,5 +330,5 @@ def gen3d_preprocessors():
         Component("detr", DetrDetector, DetrConfig, "closed-set detection of the COCO classes (transformers DETR)"),
         Component("sam", SamSegmenter, SamConfig, "box/point-prompted segmentation (transformers SAM)"),
         Component("depth-anything", DepthEstimator, DepthConfig,
-                  "relative depth (transformers Depth Anything V2; DPT checkpoints work too)"),
+                  "relative inverse depth (transformers Depth Anything V2 or DPT, relative checkpoints only)"),
     ]

@@ -288,6 +288,20 @@ def test_depth_is_normalised_relative_inverse_depth_in_input_pixels(models):
     assert low < high and depth.model == str(models["depth"])
 
 
+def test_metric_depth_models_are_refused_not_mislabelled(models, tmp_path):
+    from transformers import GLPNConfig
+
+    metric = tmp_path / "metric"
+    metric.mkdir()
+    data = json.loads((models["depth"] / "config.json").read_text())
+    (metric / "config.json").write_text(json.dumps({**data, "depth_estimation_type": "metric", "max_depth": 20}))
+    with pytest.raises(ConfigError, match=r"depth\.model: .*metric.* predicts metric depth .* only relative checkpoints"):
+        make("depth", "depth-anything", metric)
+    GLPNConfig(hidden_sizes=[8, 16, 32, 64]).save_pretrained(tmp_path / "glpn")  # metric depth, larger = farther
+    with pytest.raises(ConfigError, match=r"holds a 'glpn' model, not a relative depth model \(depth_anything or dpt\)"):
+        make("depth", "depth-anything", tmp_path / "glpn")
+
+
 # --- loading, roles, the whole stage ----------------------------------------------------------
 
 
