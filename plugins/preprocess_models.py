@@ -85,12 +85,13 @@ def _config(loader, model_id: str, key: str, what: str, kinds: tuple[str, ...], 
 
 
 def _inputs(batch, model) -> dict[str, Any]:
-    """Processor output moved to the model's device, images in the model's dtype."""
+    """Processor output moved to the model's device, images and prompt coordinates in the model's dtype."""
     out = {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(model.device)
-            if value.is_floating_point() and name.endswith("pixel_values"):
+            # SAM's processor answers float64 boxes and points: the model's own dtype, as for the image.
+            if value.is_floating_point() and (name.endswith("pixel_values") or name in ("input_boxes", "input_points")):
                 value = value.to(model.dtype)
         out[name] = value
     return out
@@ -230,7 +231,9 @@ def _detr_backbone(config, model_id: str, role: str, revision: str | None) -> di
 @dataclass
 class SamConfig:
     model: str = "facebook/sam-vit-base"
-    multimask: bool = True  # ask for 3 candidate masks and keep the one SAM rates best
+    # Point prompts are ambiguous (a point on a shirt: the shirt or the person?): ask for 3 candidate
+    # masks and keep the one SAM rates best. A box is not, and SAM's authors ask for one mask then.
+    multimask: bool = True
     min_score: float = 0.6  # below this predicted IoU the stage is "unsure"
     device: str = "auto"
     dtype: str = "auto"
@@ -260,7 +263,8 @@ class SamSegmenter:
             raise ValueError("sam needs a box or points to segment")
         # The processor rescales the prompt's pixel coordinates the way it resizes the image.
         batch = self.processor(images=[image], return_tensors="pt", **prompt)
-        outputs = self.model(**_inputs(batch, self.model), multimask_output=self.config.multimask)
+        multimask = self.config.multimask and box is None
+        outputs = self.model(**_inputs(batch, self.model), multimask_output=multimask)
         masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), batch["original_sizes"],
                                                   batch["reshaped_input_sizes"])[0][0]  # [candidates, h, w]
         scores = outputs.iou_scores[0, 0].float().cpu()

@@ -279,6 +279,44 @@ def test_sam_masks_are_in_input_pixels(models):
     assert single.mask.shape == (50, 100)
 
 
+def test_sam_prompts_are_rescaled_to_the_model_input_and_masks_come_back_in_input_pixels(models):
+    from gen3d.preprocess import mask_box
+
+    segmenter = make("segmenter", "sam", models["sam"])
+    seen = {}
+
+    def known_mask(module, args, kwargs, output):
+        # SAM's low-res masks cover its padded 64x64 input: mark the cells inside the box it was given.
+        seen.clear()
+        seen.update(kwargs)
+        cells = seen["cells"] = output.pred_masks.shape[-1]
+        if kwargs.get("input_boxes") is None:
+            return output
+        x0, y0, x1, y1 = (kwargs["input_boxes"][0, 0] * cells / 64).tolist()
+        centres = torch.arange(cells) + 0.5
+        inside = ((centres[None, :] >= x0) & (centres[None, :] <= x1) & (centres[:, None] >= y0)
+                  & (centres[:, None] <= y1))
+        logits = torch.where(inside, 10.0, -10.0).expand_as(output.pred_masks).clone()
+        output.pred_masks = logits
+        return output
+
+    handle = segmenter.model.register_forward_hook(known_mask, with_kwargs=True)
+    try:
+        box = [10.0, 5.0, 60.0, 40.0]  # input pixels of the 100x50 image; SAM sees it at 64x32 (x0.64)
+        result = segmenter.segment(IMAGE, box=box)
+        torch.testing.assert_close(seen["input_boxes"][0, 0], torch.tensor(box) * 0.64, atol=1e-3, rtol=0)
+        assert seen["multimask_output"] is False  # one mask for a box prompt
+        found = mask_box(result.mask)
+        cell = 64 / seen["cells"] / 0.64  # one low-res cell in input pixels
+        assert max(abs(a - b) for a, b in zip(found, box)) <= cell + 0.5, found
+        segmenter.segment(IMAGE, points=[[30.0, 20.0]])
+        torch.testing.assert_close(seen["input_points"][0, 0, 0], torch.tensor([30.0, 20.0]) * 0.64, atol=1e-3,
+                                   rtol=0)
+        assert seen["multimask_output"] is True  # a point is ambiguous: three candidates
+    finally:
+        handle.remove()
+
+
 def test_depth_is_normalised_relative_inverse_depth_in_input_pixels(models):
     estimator = make("depth", "depth-anything", models["depth"])
     depth = estimator.estimate_depth(IMAGE)
