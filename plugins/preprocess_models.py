@@ -189,14 +189,36 @@ class DetrDetector:
         """The model's class names that the prompts mention (DETR knows only its own classes)."""
         if not prompts:
             return None
-        text = " " + " ".join(re.sub(r"[^a-z0-9]+", " ", p.lower()) for p in prompts) + " "
-        named = {name for name in self.classes.values() if f" {name.lower()} " in text}
+        # Whole words only ("a chair", "an apple", "two chairs"; not "chairman"), singular or plural.
+        text = " " + " ".join(_words(p) for p in prompts) + " "
+        named = {name for name in self.classes.values() if any(f" {form} " in text for form in _forms(name))}
         if not named:
             some = ", ".join(sorted(self.classes.values())[:12])
             raise ConfigError(f"{self.role}: detr knows only its {len(self.classes)} classes ({some}, ...) and "
                               f"none is in the prompt {' / '.join(map(repr, prompts))}; "
                               "use owlv2 for free-text prompts")
         return named
+
+
+def _words(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+IRREGULAR_PLURALS = {"person": "people", "knife": "knives", "mouse": "mice", "wine glass": "wine glasses"}
+
+
+def _forms(name: str) -> set[str]:
+    """A class name as a prompt may say it: singular and simple plurals ("bus" -> "buses", "sky" -> "skies")."""
+    name = _words(name)
+    if not name:
+        return set()
+    forms = {name, name + "s", name + "es"}
+    if name.endswith("y") and name[-2:-1] not in "aeiou":
+        forms.add(name[:-1] + "ies")
+    for singular, plural in IRREGULAR_PLURALS.items():
+        if name == singular or name.endswith(" " + singular):
+            forms.add(name[: len(name) - len(singular)] + plural)
+    return forms
 
 
 # The official DETR checkpoints keep a branch whose backbone is transformers' own ResNet.

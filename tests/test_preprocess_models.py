@@ -189,6 +189,11 @@ def test_detr_prompts_pick_classes_or_say_why_not(models):
     assert set(found.labels) <= {"dining table"}
     with pytest.raises(ConfigError, match="detr knows only its 3 classes .* none is in the prompt 'a giraffe'"):
         detector.detect(IMAGE, ["a giraffe"])
+    assert detector._classes_in(["two Chairs"]) == {"chair"}
+    assert detector._classes_in(["an apple", "a cat"]) == {"cat"}
+    assert detector._classes_in(["dining tables", "cats"]) == {"dining table", "cat"}
+    with pytest.raises(ConfigError, match="none is in the prompt 'a chairman'"):
+        detector._classes_in(["a chairman"])  # whole words only
 
 
 def make_timm_detr(folder):
