@@ -117,13 +117,13 @@ class GrabCut:
         lab = cv2.cvtColor(cv2.GaussianBlur(small, (3, 3), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
         strip = max(2, round(config.border * min(small.shape[:2])))
         border = _border_mask(small.shape[:2], strip)
-        distance, noise, stray = _background_distance(lab, border)
+        distance, noise, stray = _background_distance(lab, border, far=config.min_contrast)
         unsure = []
         if noise > config.max_noise or stray > config.max_clutter:
             unsure.append(f"the background is not plain: along the image border the colour strays {noise:.0f} "
-                          f"Lab units from a smooth fit, {stray:.0%} of the border far off (plain: under "
-                          f"{config.max_noise:g} and {config.max_clutter:.0%}), so the mask may be wrong; "
-                          "try a model detector and segmenter")
+                          f"Lab units from a smooth fit, {stray:.0%} of the border more than "
+                          f"{config.min_contrast:g} off (plain: under {config.max_noise:g} and "
+                          f"{config.max_clutter:.0%}), so the mask may be wrong; try a model detector and segmenter")
         # Seeds: clearly unlike the background. Capped, so a busy background still gets a (doubted) try.
         threshold = min(max(config.seed_contrast * noise, config.min_contrast), 3 * config.min_contrast)
         seeds = distance > threshold
@@ -195,10 +195,12 @@ def _border_mask(shape: tuple[int, int], strip: int) -> np.ndarray:
     return border
 
 
-def _background_distance(lab: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, float, float]:
+def _background_distance(lab: np.ndarray, border: np.ndarray, far: float = 10.0) -> tuple[np.ndarray, float, float]:
     """Per pixel, the Lab distance to a smooth background fitted to the border.
 
-    Returns (distance map, the border's noise level, the fraction of border pixels off the model).
+    Returns (distance map, the border's noise level, the fraction of border pixels more than
+    ``far`` Lab units off the model). ``far`` is fixed, not a multiple of the noise: measured
+    against its own noise level a busy border would never look far off.
     """
     h, w = lab.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -212,7 +214,7 @@ def _background_distance(lab: np.ndarray, border: np.ndarray) -> tuple[np.ndarra
         noise = max(1.4826 * float(np.median(residual[use])), 0.5)  # robust sigma (MAD), floored
         use = residual < max(4 * noise, 3.0)
     distance = np.linalg.norm(lab - basis @ coeffs, axis=-1)
-    stray = float((residual > max(4 * noise, 6.0)).mean())
+    stray = float((residual > far).mean())
     return distance, noise, stray
 
 

@@ -133,6 +133,17 @@ def test_cluttered_backgrounds_are_unsure_rather_than_wrong(stage, photo, tmp_pa
     assert result.unsure or score >= 0.9
 
 
+def test_border_clutter_is_measured_against_a_fixed_colour_distance(plain_composites):
+    from gen3d_plugins.preprocess_classic import _background_distance, _border_mask
+
+    def stray(rgb):
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+        return _background_distance(lab, _border_mask(lab.shape[:2], 8), far=10.0)[2]
+
+    assert max(stray(rgb) for rgb, _ in plain_composites[:3]) < 0.01
+    assert stray(skdata.coffee()) > 0.5  # was 0% whatever the photo: the threshold grew with the noise
+
+
 def test_object_cut_by_the_frame_is_unsure(stage, tmp_path):
     rng = np.random.default_rng(3)
     rgb, _ = composite(rng, plain_background(rng, 400, 400, "flat"), load_object("toy", 0), 0.6)
