@@ -5,7 +5,8 @@
     python benchmarks/bench_text_to_3d.py --steps 50 -- cameras.sizes=[128]   # recipe overrides after --
 
 Each case runs the recipe (rendering, guidance, backward, optimiser) for --steps steps in a
-fresh process, so peak RSS and peak VRAM belong to that case alone. The models are random:
+fresh process, so peak RSS and peak VRAM belong to that case alone. Step times come from a
+``gen3d_on_step`` hook: the median after three warm-up steps (and the plain mean). The models are random:
 the figures are about time and memory, not quality. With --real-architecture the UNet, VAE
 and text encoder are built from Stable Diffusion 2.1-base's published configs (64x64 latents,
 512 px VAE input) and saved in the diffusers layout, then loaded like a downloaded checkpoint.
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +42,12 @@ SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
 def make_real_architecture(folder: Path) -> Path:
     """SD 2.1-base-shaped random models in the diffusers layout (fp16 on disk to save space)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from gen3d.tiny_models import write_clip_tokenizer
@@ -57,11 +65,40 @@ def make_real_architecture(folder: Path) -> Path:
     return folder
 
 
+class StepTimer:
+    """A plugin registered for the benchmark only: the wall-clock time at the end of every step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def median_step_seconds(self, warmup: int = 3) -> float | None:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])][warmup:]
+        return statistics.median(gaps) if gaps else None
+
+
+def make_timer() -> StepTimer:
+    from gen3d import hookimpl
+
+    timer = StepTimer()
+
+    class Hooks:
+        @hookimpl
+        def gen3d_on_step(self, run, step, metrics):
+            timer.times.append(time.perf_counter())
+
+    from gen3d.plugins import register
+
+    register(Hooks())
+    return timer
+
+
 def run_case(recipe: str, model: str, batch: int, steps: int, overrides: list[str]) -> dict:
     import torch
 
     from gen3d.recipe import load_recipe
     from gen3d.trainer import run_recipe
+
+    timer = make_timer()
 
     rec = load_recipe(ROOT / "recipes" / recipe, [
         f"guidance.model={model}", f"steps={steps}", f"cameras.batch={batch}", "prompt=a hamburger",
@@ -72,10 +109,12 @@ def run_case(recipe: str, model: str, batch: int, steps: int, overrides: list[st
     with tempfile.TemporaryDirectory() as out:
         m = run_recipe(rec, Path(out), quiet=True)
     report = {"recipe": recipe, "batch": batch, "steps": m["steps"], "train_seconds": m["train_seconds"],
-              "seconds_per_step": round(m["train_seconds"] / m["steps"], 4),
-              "steps_per_second": round(m["steps"] / m["train_seconds"], 3),
-              "image_size": rec.loop.cameras.sizes[0], "renderer": m["renderer"],
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              "seconds_per_step_mean": round(m["train_seconds"] / m["steps"], 4)}
+    median = timer.median_step_seconds()
+    report.update({"seconds_per_step_median": round(median, 4) if median else None,
+                   "steps_per_second": round(1 / median, 3) if median else None,
+                   "image_size": rec.loop.cameras.sizes[0], "renderer": m["renderer"],
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     if torch.cuda.is_available():
         report["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         report["gpu"] = torch.cuda.get_device_name()
