@@ -76,6 +76,12 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, key: str, what: s
         raise ConfigError(missing_message(model_id, key, first_line(exc))) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{key}: {model_id!r} does not hold a {what} ({first_line(exc)})") from None
+    except RuntimeError as exc:
+        # Weights that do not fit the config (a folder of another model size); anything else,
+        # e.g. running out of GPU memory, is not the folder's fault and is raised as it is.
+        if "size mismatch" not in str(exc) and "loading state_dict" not in str(exc):
+            raise
+        raise ConfigError(f"{key}: {model_id!r} has weights that do not fit its config ({first_line(exc)})") from None
     except ImportError as exc:  # e.g. a checkpoint whose config asks for timm, which is not installed
         library = exc.name or next(iter(re.findall(r"requires the (\S+) library", str(exc))), None)
         needs = f"the {library} library, which is not installed (`pip install {library}`)" if library else \

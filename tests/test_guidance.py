@@ -275,3 +275,13 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="t_min < t_max"):
         StableDiffusionConfig(t_min=0.5, t_max=0.4)
     assert math.isclose(StableDiffusionConfig().guidance_scale, 100.0)
+
+
+def test_weights_that_do_not_fit_their_config(tiny_sd, tmp_path):
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_sd, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="guidance.model"):
+        build("stable-diffusion", model=str(folder))

@@ -1,0 +1,35 @@
+"""Every shipped recipe validates, and names only components that are installed."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from gen3d.errors import ConfigError
+from gen3d.plugins import get_component
+from gen3d.recipe import load_recipe
+
+# Keys a recipe leaves for the command line.
+REQUIRED = {"dreamfusion.yaml": ["prompt=a hamburger"], "clip-nerf.yaml": ["prompt=a red ball"]}
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_the_shipped_recipes_are_the_documented_ones():
+    readme = (ROOT / "README.md").read_text()
+    assert {"nerf-reconstruct.yaml", "dreamfusion.yaml", "clip-nerf.yaml", "preprocess.yaml"} <= set(RECIPES)
+    for name in RECIPES:
+        assert f"recipes/{name}" in readme, f"README does not mention recipes/{name}"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_validates(name):
+    recipe = load_recipe(ROOT / "recipes" / name, REQUIRED.get(name, []))
+    assert get_component("loop", recipe.settings.loop)
+    assert recipe.settings.steps >= 1
+    # The resolved recipe (what a run folder keeps) reads back to the same settings.
+    assert "loop: " + recipe.settings.loop in recipe.to_yaml()
+
+
+def test_a_misspelt_key_in_a_text_recipe_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"guidance\.guidance_scal.*Did you mean 'guidance_scale'"):
+        load_recipe(ROOT / "recipes" / "dreamfusion.yaml", ["guidance.guidance_scal=7.5"])
