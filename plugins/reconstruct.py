@@ -12,7 +12,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch.profiler import record_function
 
-from gen3d import hookimpl
+from gen3d import fields, hookimpl
 from gen3d.cameras import orbit
 from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
@@ -76,7 +76,7 @@ class Reconstruct:
         self.renderer = VolumeRenderer(aabb, config.render)
         self.field = component(config.representation).factory(
             config.representation.config, aabb=aabb, step_size=self.renderer.step_size)
-        self.optimizer = self.field.make_optimizer()
+        self.optimizer = fields.make_optimizer(self.field)
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
         self.generator = torch.Generator(device=device).manual_seed(run.recipe.settings.seed)
@@ -88,8 +88,8 @@ class Reconstruct:
     def step(self, step: int) -> dict[str, float]:
         # record_function labels cost nothing unless a profiler runs (benchmarks/profile_step.py).
         with record_function("gen3d.occupancy"):
-            if self.field.grow(step):
-                self.optimizer = self.field.make_optimizer()
+            if fields.grow(self.field, step):
+                self.optimizer = fields.make_optimizer(self.field)
             occupied = self.renderer.update_occupancy(self.field, step)
         with record_function("gen3d.rays"):
             origins, dirs, target, background = self.sample_rays(self.config.train.rays_per_step)
@@ -97,7 +97,7 @@ class Reconstruct:
             out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
             mse = torch.mean((out.rgb - target) ** 2)
             loss = mse
-            extra = self.field.regularizer(step)
+            extra = fields.regularizer(self.field, step)
             if extra is not None:
                 loss = loss + extra
         with record_function("gen3d.backward"):
@@ -133,12 +133,12 @@ class Reconstruct:
         return origins, dirs, target, background
 
     def state_dict(self) -> dict:
-        return {"field": self.field.state_dict_plain(), "optimizer": self.optimizer.state_dict(),
+        return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
                 "renderer": self.renderer.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.field.load_state_dict_plain(state["field"])
-        self.optimizer = self.field.make_optimizer()
+        fields.load_state(self.field, state["field"])
+        self.optimizer = fields.make_optimizer(self.field)
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
         self.generator.set_state(state["generator"])

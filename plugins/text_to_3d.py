@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen3d import hookimpl
+from gen3d import fields, hookimpl
 from gen3d.cameras import orbit, random_views
 from gen3d.config import Choice, choice
 from gen3d.errors import ConfigError, Gen3DError
@@ -33,7 +33,7 @@ from gen3d.export import MeshSettings, timed_export
 from gen3d.io import atomic_path
 from gen3d.plugins import get_component
 from gen3d.prompts import ViewPrompts, view_prompts
-from gen3d.render import RenderSettings, VolumeRenderer
+from gen3d.render import RenderSettings, VolumeRenderer, cell_max_density
 from gen3d.specs import Component
 
 
@@ -149,7 +149,7 @@ class TextTo3D:
         self.renderer = VolumeRenderer(self.aabb, config.render)
         self.field = component(config.representation).factory(
             config.representation.config, aabb=self.aabb, step_size=self.renderer.step_size)
-        self.optimizer = self.field.make_optimizer()
+        self.optimizer = fields.make_optimizer(self.field)
         self.guidance = component(config.guidance).factory(config.guidance.config, device=device)
         self.background = LearnedBackground().to(device)
         self.background_optimizer = torch.optim.Adam(self.background.parameters(), lr=config.background.lr)
@@ -159,8 +159,8 @@ class TextTo3D:
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        if self.field.grow(step):
-            self.optimizer = self.field.make_optimizer()
+        if fields.grow(self.field, step):
+            self.optimizer = fields.make_optimizer(self.field)
         occupied = self.renderer.update_occupancy(self.field, step)
         size = cfg.cameras.size_at_step(step)
         views = self.sample_views(cfg.cameras.batch, size)
@@ -175,7 +175,7 @@ class TextTo3D:
         prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
         guided = self.guidance(images, prompts, step, self.total_steps, generator=self.generator)
         loss = guided.loss + self.regularisers(out, dirs, shader.normals)
-        own = self.field.regularizer(step) if hasattr(self.field, "regularizer") else None
+        own = fields.regularizer(self.field, step)
         if own is not None:  # the representation's own (e.g. total variation)
             loss = loss + own
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,14 +243,14 @@ class TextTo3D:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"field": self.field.state_dict_plain(), "optimizer": self.optimizer.state_dict(),
+        return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
                 "renderer": self.renderer.state_dict(), "generator": self.generator.get_state(),
                 "background": self.background.state_dict(),
                 "background_optimizer": self.background_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.field.load_state_dict_plain(state["field"])
-        self.optimizer = self.field.make_optimizer()
+        fields.load_state(self.field, state["field"])
+        self.optimizer = fields.make_optimizer(self.field)
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
         self.generator.set_state(state["generator"])
@@ -288,8 +288,7 @@ class TextTo3D:
         if opaque.sum() >= 16:
             points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
             return float(self.field.density(points).median())
-        peak = float(torch.as_tensor(self.field.cell_max_density(self.config.render.occupancy_resolution)).max()) \
-            if hasattr(self.field, "cell_max_density") else 0.0
+        peak = float(cell_max_density(self.field, self.config.render.occupancy_resolution).max())
         if peak <= 0:
             raise Gen3DError("the field is empty: nothing to export (train longer, or set export.level)")
         self.run.log(f"no opaque view yet: exporting at half the peak density ({peak / 2:.3g})")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 import trimesh
 from conftest import ROOT, validate_gltf
 
+from gen3d import hookimpl, plugins
 from gen3d.errors import ConfigError
 from gen3d.io import load_checkpoint
 from gen3d.plugins import get_component
 from gen3d.recipe import load_recipe
+from gen3d.specs import Component
 from gen3d.trainer import run_recipe
 
 # Small and quick: 32 px views, a coarse grid, a 64^3 export, a short turntable.
@@ -127,6 +130,52 @@ def test_grid_normals_are_the_density_gradient():
     # Differentiable w.r.t. the grid, so shading and the orientation loss train the geometry.
     normals.sum().backward()
     assert field.table.grad is not None
+
+
+class TinyMLPField(torch.nn.Module):
+    """A representation with only what rendering needs: density(x) and forward(x, d)."""
+
+    def __init__(self, config, *, aabb, step_size):
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone())
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Softplus(), torch.nn.Linear(32, 4))
+
+    def density(self, x):
+        return torch.nn.functional.softplus(self.net(x)[:, 0] + 2.0 - 4.0 * x.norm(dim=-1))
+
+    def forward(self, x, d):
+        out = self.net(x)
+        return torch.nn.functional.softplus(out[:, 0] + 2.0 - 4.0 * x.norm(dim=-1)), torch.sigmoid(out[:, 1:])
+
+
+@dataclass
+class TinyMLPConfig:
+    hidden: int = 32
+
+
+class TinyMLPPlugin:
+    @hookimpl
+    def gen3d_representations(self):
+        return [Component("tiny-mlp", TinyMLPField, TinyMLPConfig, "test-only MLP field")]
+
+
+@pytest.fixture
+def mlp_representation():
+    plugins.register(TinyMLPPlugin())
+    yield
+    plugins.unregister_all_extra()
+
+
+def test_any_representation_that_renders_colour_and_opacity(mlp_representation, tiny_sd, tmp_path):
+    """No make_optimizer, grow, normals or state helpers: the loop's defaults take over."""
+    rec = load_recipe(ROOT / "recipes" / "dreamfusion.yaml", [
+        f"guidance.model={tiny_sd}", "prompt=a hamburger", "representation={type: tiny-mlp}", "steps=6",
+        "shading.albedo_only_steps=2", "cameras.sizes=[24]", "cameras.size_at=[]", "export.resolution=48",
+        "export.formats=[glb]", "preview.turntable_frames=2", "preview.size=24", "checkpoint_every=3"])
+    metrics = run_recipe(rec, tmp_path, quiet=True)
+    assert metrics["steps"] == 6 and (tmp_path / "mesh.glb").is_file()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")["loop"]["field"]
+    assert "net.0.weight" in state
 
 
 def test_impossible_camera_ranges_are_refused():
