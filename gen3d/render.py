@@ -137,11 +137,13 @@ def nerfacc_cuda_available() -> bool:
 class VolumeRenderer:
     """Renders rays through a field; owns the occupancy structure used for skipping."""
 
-    def __init__(self, aabb: torch.Tensor, settings: RenderSettings, use_nerfacc_cuda: bool | None = None):
+    def __init__(self, aabb: torch.Tensor, settings: RenderSettings, use_nerfacc_cuda: bool | None = None,
+                 step_size: float | None = None):
         self.aabb = aabb
         self.settings = settings
         diagonal = float((aabb[3:] - aabb[:3]).norm())
-        self.step_size = diagonal / settings.samples_per_diagonal
+        # A loop that shrinks the box keeps its marching step (and so the meaning of alpha per step).
+        self.step_size = step_size or diagonal / settings.samples_per_diagonal
         if use_nerfacc_cuda is None:
             use_nerfacc_cuda = aabb.device.type == "cuda" and nerfacc_cuda_available()
         self.packed = use_nerfacc_cuda
@@ -166,6 +168,13 @@ class VolumeRenderer:
                 n=self.settings.occupancy_every)
             return float(self.estimator.binaries.float().mean())
         return self.occupancy.update(field, self.step_size, self.settings)
+
+    def occupied_cells(self) -> torch.Tensor:
+        """The occupancy grid as a boolean [r, r, r] volume indexed x, y, z."""
+        if self.packed:
+            r = self.settings.occupancy_resolution
+            return self.estimator.binaries[0].reshape(r, r, r)
+        return self.occupancy.occupied
 
     def state_dict(self) -> dict:
         if self.packed:

@@ -186,6 +186,20 @@ class GridNeRF(nn.Module):
         self.resolution = target
         return True
 
+    @torch.no_grad()
+    def refit(self, aabb: torch.Tensor, resolution: int | None = None) -> None:
+        """Lay the grid over a new (smaller) box, resampling the current field at the new vertices.
+
+        The same number of vertices over a tighter box is a finer grid at the same cost per sample.
+        """
+        r = resolution or self.resolution
+        axes = [torch.linspace(float(aabb[i]), float(aabb[i + 3]), r, device=self.table.device) for i in range(3)]
+        yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
+        slabs = [self._lookup(torch.cat([x.expand(len(yz), 1), yz], dim=1), slice(None)) for x in axes[0]]
+        self.table = nn.Parameter(torch.cat(slabs).contiguous())
+        self.aabb = aabb.clone().float().to(self.table.device)
+        self.resolution = r
+
     def regularizer(self, step: int) -> torch.Tensor | None:
         """Total variation on a random sample of vertices (sparse-gradient friendly)."""
         cfg = self.config
@@ -201,10 +215,12 @@ class GridNeRF(nn.Module):
         return cfg.tv_weight * diffs.pow(2).mean() * 3
 
     def state_dict_plain(self) -> dict:
-        return {"table": self.table.detach(), "resolution": self.resolution}
+        return {"table": self.table.detach(), "resolution": self.resolution, "aabb": self.aabb}
 
     def load_state_dict_plain(self, state: dict) -> None:
         self.resolution = int(state["resolution"])
+        if "aabb" in state:
+            self.aabb = state["aabb"].to(self.aabb.device).float()
         self.table = nn.Parameter(state["table"].to(self.aabb.device).clone())
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch.profiler import record_function
 
@@ -33,6 +34,11 @@ class TrainSettings:
     # (anti-aliased), so centre rays alone leave an error floor at every sharp edge.
     pixel_jitter: bool = False
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # for evaluation and RGB data
+    # At this step the scene box shrinks to the occupied region plus a margin (a fraction of the
+    # box's extent per side): the same grid over a tighter box is finer at the same cost per
+    # sample. None keeps the data's box; representations without refit() keep it too.
+    tighten_box_at: int | None = 350
+    tighten_margin: float = 0.03
 
     def __post_init__(self) -> None:
         if self.rays_per_step < 1:
@@ -88,6 +94,8 @@ class Reconstruct:
     def step(self, step: int) -> dict[str, float]:
         # record_function labels cost nothing unless a profiler runs (benchmarks/profile_step.py).
         with record_function("gen3d.occupancy"):
+            if step == self.config.train.tighten_box_at:
+                self.tighten_box(step)
             if fields.grow(self.field, step):
                 self.optimizer = fields.make_optimizer(self.field)
             occupied = self.renderer.update_occupancy(self.field, step)
@@ -111,6 +119,28 @@ class Reconstruct:
         if occupied is not None:
             metrics["occupied"] = occupied
         return metrics
+
+    @torch.no_grad()
+    def tighten_box(self, step: int) -> None:
+        if not hasattr(self.field, "refit"):
+            return
+        occupied = object_cells(self.renderer.occupied_cells())
+        if not occupied.any():
+            return
+        old = self.renderer.aabb
+        cell = (old[3:] - old[:3]) / torch.tensor(occupied.shape, device=old.device)
+        ijk = occupied.nonzero().to(old.device)
+        margin = self.config.train.tighten_margin * (old[3:] - old[:3])
+        low = torch.maximum(old[:3] + ijk.min(dim=0).values * cell - margin, old[:3])
+        high = torch.minimum(old[:3] + (ijk.max(dim=0).values + 1) * cell + margin, old[3:])
+        aabb = torch.cat([low, high])
+        if float((high - low).prod() / (old[3:] - old[:3]).prod()) > 0.9:
+            return  # hardly smaller: not worth a resample
+        self.field.refit(aabb, getattr(self.field, "resolution_at", lambda s: None)(step))
+        self.renderer = VolumeRenderer(aabb, self.config.render, step_size=self.renderer.step_size)
+        self.renderer.update_occupancy(self.field, 0)
+        self.optimizer = fields.make_optimizer(self.field)
+        self.run.log(f"step {step}: scene box tightened to {[round(v, 3) for v in aabb.tolist()]}")
 
     def sample_rays(self, n: int):
         """Random training pixels: rays, target colours composited on each ray's background."""
@@ -138,6 +168,8 @@ class Reconstruct:
 
     def load_state_dict(self, state: dict) -> None:
         fields.load_state(self.field, state["field"])
+        if not torch.equal(self.field.aabb, self.renderer.aabb):  # the box was tightened before the checkpoint
+            self.renderer = VolumeRenderer(self.field.aabb, self.config.render, step_size=self.renderer.step_size)
         self.optimizer = fields.make_optimizer(self.field)
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
@@ -237,6 +269,18 @@ class Reconstruct:
         images = [to_uint8(self.render_view(cameras, i)) for i in range(frames)]
         with atomic_path(self.run.path("turntable.gif")) as tmp:
             iio.imwrite(tmp, np.stack(images), extension=".gif", duration=80, loop=0)
+
+
+def object_cells(occupied: torch.Tensor) -> torch.Tensor:
+    """Occupied cells without floaters: connected pieces smaller than 2% of the largest (and
+    than 8 cells) are dropped, so a few stray cells near the box's corners cannot hold the box
+    open. Separate parts of a real object are far larger than that and are kept."""
+    labels, count = ndimage.label(occupied.cpu().numpy(), structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return occupied.cpu()
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = 1 + np.nonzero(sizes >= max(8, 0.02 * sizes.max()))[0]
+    return torch.from_numpy(np.isin(labels, keep))
 
 
 def psnr(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -20,7 +20,8 @@ from gen3d.trainer import run_recipe
 RECIPE = ROOT / "recipes" / "nerf-reconstruct.yaml"
 # Small and quick: the 32 px data set, coarse grids, a 64^3 export.
 SMALL = ["representation.resolutions=[24, 40]", "representation.upsample_at=[60]", "train.rays_per_step=1024",
-         "export.resolution=64", "preview.turntable_frames=4", "max_seconds=null", "checkpoint_every=50"]
+         "export.resolution=64", "preview.turntable_frames=4", "max_seconds=null", "checkpoint_every=50",
+         "train.tighten_box_at=30"]
 
 
 def small_recipe(data: Path, *extra: str):
@@ -84,6 +85,9 @@ def test_resume_gives_the_same_field(small_dataset, tmp_path):
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
     assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    # The box was tightened before the half-way checkpoint: resuming rebuilt the renderer for it.
+    box = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["aabb"]
+    assert (box[3:] - box[:3]).prod() < 0.9 * 2.2 ** 3
     assert resumed["psnr_test"] == pytest.approx(straight["psnr_test"], abs=0.01)
 
 
