@@ -264,6 +264,14 @@ def test_nine_channel_unet_is_refused(tmp_path):
         build("stable-diffusion", model=str(folder))
 
 
+def test_full_size_models_on_cpu_are_warned_about():
+    from gen3d_plugins.sd_guidance import cpu_cost_warning
+
+    assert "CUDA GPU" in cpu_cost_warning(865_000_000, torch.device("cpu"))
+    assert cpu_cost_warning(865_000_000, torch.device("cuda")) is None
+    assert cpu_cost_warning(2_000_000, torch.device("cpu")) is None
+
+
 def test_fp16_on_cpu_is_refused(tiny_sd):
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         build("stable-diffusion", model=str(tiny_sd), dtype="fp16")
