@@ -39,8 +39,13 @@ class TrainSettings:
     # sample. None keeps the data's box; representations without refit() keep it too.
     tighten_box_at: int | None = 350
     tighten_margin: float = 0.03
+    # Share of each step's rays drawn in proportion to their pixel's last seen error (the rest
+    # uniformly): training time goes where the renderings are still wrong, mostly edges.
+    error_sampling: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.error_sampling <= 1:
+            raise ValueError(f"error_sampling is a share of the rays, between 0 and 1; got {self.error_sampling}")
         if self.rays_per_step < 1:
             raise ValueError(f"rays_per_step must be at least 1, got {self.rays_per_step}")
         if len(self.background) != 3:
@@ -85,6 +90,7 @@ class Reconstruct:
         self.optimizer = fields.make_optimizer(self.field)
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
+        self.pixel_error = torch.ones(len(self.pixels), device=device)  # last seen squared error per pixel
         self.generator = torch.Generator(device=device).manual_seed(run.recipe.settings.seed)
         run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
                 f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
@@ -100,10 +106,13 @@ class Reconstruct:
                 self.optimizer = fields.make_optimizer(self.field)
             occupied = self.renderer.update_occupancy(self.field, step)
         with record_function("gen3d.rays"):
-            origins, dirs, target, background = self.sample_rays(self.config.train.rays_per_step)
+            origins, dirs, target, background, index = self.sample_rays(self.config.train.rays_per_step)
         with record_function("gen3d.render"):
             out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
-            mse = torch.mean((out.rgb - target) ** 2)
+            squared = (out.rgb - target) ** 2
+            mse = squared.mean()
+            if self.config.train.error_sampling > 0:
+                self.pixel_error[index] = squared.detach().mean(dim=1) + 1e-5  # a floor keeps every pixel in play
             loss = mse
             extra = fields.regularizer(self.field, step)
             if extra is not None:
@@ -146,6 +155,12 @@ class Reconstruct:
         """Random training pixels: rays, target colours composited on each ray's background."""
         device = self.pixels.device
         index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
+        share = self.config.train.error_sampling
+        if share > 0:
+            k = int(n * share)
+            cdf = torch.cumsum(self.pixel_error, 0)
+            u = torch.rand(k, generator=self.generator, device=device) * cdf[-1]
+            index[:k] = torch.searchsorted(cdf, u).clamp_max(len(self.pixels) - 1)
         h, w = self.image_size
         cam, pixel = index // (h * w), index % (h * w)
         if self.config.train.pixel_jitter:
@@ -160,11 +175,12 @@ class Reconstruct:
         else:
             background = self.background.expand(n, 3)
         target = rgba[:, :3] * rgba[:, 3:] + background * (1 - rgba[:, 3:])
-        return origins, dirs, target, background
+        return origins, dirs, target, background, index
 
     def state_dict(self) -> dict:
         return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
-                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state()}
+                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state(),
+                "pixel_error": self.pixel_error}
 
     def load_state_dict(self, state: dict) -> None:
         fields.load_state(self.field, state["field"])
@@ -174,6 +190,7 @@ class Reconstruct:
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
         self.generator.set_state(state["generator"])
+        self.pixel_error = state["pixel_error"].to(self.pixel_error.device)
 
     # --- evaluation and outputs --------------------------------------------------------------
 

@@ -105,3 +105,20 @@ def test_cli_errors_are_one_line(small_dataset, tmp_path):
         proc = cli(*args, "--out", "x")
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_error_sampling_draws_rays_where_the_error_is(small_dataset, tmp_path):
+    from gen3d.plugins import get_component
+    from gen3d.trainer import Run
+
+    rec = small_recipe(small_dataset, "train.error_sampling=0.5", "steps=3")
+    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
+    loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+    hard = torch.arange(100, 110)
+    loop.pixel_error.zero_()
+    loop.pixel_error[hard] = 1.0
+    *_, index = loop.sample_rays(1000)
+    assert torch.isin(index[:500], hard).all()  # the error-driven half
+    assert torch.isin(index[500:], hard).float().mean() < 0.05  # the uniform half
+    metrics = loop.step(0)  # a step records the errors it saw
+    assert metrics["loss"] > 0 and (loop.pixel_error > 0).sum() > 10
