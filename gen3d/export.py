@@ -124,7 +124,7 @@ def vertex_colors(field, mesh: trimesh.Trimesh) -> np.ndarray:
         if hasattr(field, "albedo"):
             rgb = torch.cat([field.albedo(p) for p in points.split(1 << 18)])
         else:  # look at each vertex from outside, along its normal
-            normals = torch.as_tensor(mesh.vertex_normals, dtype=torch.float32, device=device)
+            normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)  # trimesh caches read-only
             rgb = torch.cat([field(p, -n)[1] for p, n in zip(points.split(1 << 18), normals.split(1 << 18))])
     rgba = np.concatenate([rgb.clamp(0, 1).cpu().numpy(), np.ones((len(points), 1))], axis=1)
     return (rgba * 255 + 0.5).astype(np.uint8)
