@@ -26,6 +26,12 @@ class Choice:
     type: str
     config: Any = None
 
+    def build(self, **context: Any) -> Any:
+        """The chosen component, made from its settings (``context``: what the loop passes, e.g. device)."""
+        from .plugins import get_component
+
+        return get_component(self.kind, self.type).factory(self.config, **context)
+
 
 def choice(kind: str, default: str) -> Any:
     """A dataclass field holding a :class:`Choice` of ``kind``, defaulting to component ``default``."""

@@ -44,6 +44,20 @@ class MeshSettings:
             raise ValueError(f"level must be positive, got {self.level}")
 
 
+@torch.no_grad()
+def level_at_opaque_depth(renderer, field, origins: torch.Tensor, dirs: torch.Tensor,
+                          min_rays: int = 16) -> float | None:
+    """The density where opaque rays stop: the median density at the expected depth of the rays
+    whose opacity exceeds 0.95 (None when fewer than ``min_rays`` are). As the marching-cubes
+    level it puts the mesh where the renderings put the surface, whatever the density scale."""
+    out = renderer.render_chunked(field, origins, dirs, torch.zeros(3, device=origins.device))
+    opaque = out.opacity > 0.95
+    if opaque.sum() < min_rays:
+        return None
+    points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
+    return float(field.density(points).median())
+
+
 def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
     """Density sampled on a resolution^3 lattice spanning the field's box (corners included)."""
     if hasattr(field, "density_volume"):

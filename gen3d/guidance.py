@@ -20,7 +20,9 @@ class GuidanceOutput:
 
 
 class Guidance(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: list[str], step: int, total_steps: int) -> GuidanceOutput:
+    def __call__(self, images: torch.Tensor, prompts: list[str], step: int, total_steps: int,
+                 generator: torch.Generator | None = None) -> GuidanceOutput:
         """``images`` [B,3,H,W] in 0..1 (or [B,4,h,w] latents where the guidance accepts them),
-        one prompt per image (view suffixes already added)."""
+        one prompt per image (view suffixes already added); ``generator`` (a CPU one) makes the
+        guidance's random draws (timesteps, noise, crops) part of the run's reproducible state."""
         ...

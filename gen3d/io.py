@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -44,6 +45,19 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in 0..1 as 8-bit (rounded, clipped)."""
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def write_gif(path: Path, frames: list[np.ndarray], frame_ms: int = 80) -> None:
+    """A looping GIF of float 0..1 frames, written atomically (turntable previews)."""
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.stack([to_uint8(f) for f in frames]), extension=".gif", duration=frame_ms, loop=0)
 
 
 def inside(root: Path, relative: str | Path) -> Path:

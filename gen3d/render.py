@@ -203,11 +203,12 @@ class VolumeRenderer:
 
     def render_chunked(self, field: RadianceField, origins: torch.Tensor, dirs: torch.Tensor,
                        background: torch.Tensor, chunk: int = 1 << 14) -> RenderOutput:
-        """Render many rays without gradients (whole images)."""
+        """Render many rays without gradients (whole images); ``background`` is [3] or per ray [R,3]."""
         outs = []
+        backgrounds = background.split(chunk) if background.dim() == 2 else [background] * len(origins.split(chunk))
         with torch.no_grad():
-            for o, d in zip(origins.split(chunk), dirs.split(chunk)):
-                outs.append(self.render(field, o, d, background))
+            for o, d, bg in zip(origins.split(chunk), dirs.split(chunk), backgrounds):
+                outs.append(self.render(field, o, d, bg))
         return RenderOutput(torch.cat([o.rgb for o in outs]), torch.cat([o.opacity for o in outs]),
                             torch.cat([o.depth for o in outs]), sum(o.samples for o in outs))
 

@@ -85,8 +85,8 @@ class GridNeRF(nn.Module):
 
     # --- lookups ---------------------------------------------------------------------
 
-    def _corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat indices of the 8 corners of each point's cell and their trilinear weights."""
+    def _cell(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the 8 corners of each point's cell, and the point's position in it (0..1 per axis)."""
         r = self.resolution
         g = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0, 1) * (r - 1)
         i0 = g.floor().clamp(max=r - 2)
@@ -95,9 +95,17 @@ class GridNeRF(nn.Module):
         base = (i0[:, 0] * r + i0[:, 1]) * r + i0[:, 2]
         offsets = torch.tensor([(a * r + b) * r + c for a in (0, 1) for b in (0, 1) for c in (0, 1)],
                                device=x.device)
-        wx, wy, wz = (torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3))
-        w = (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
-        return base[:, None] + offsets[None], w
+        return base[:, None] + offsets[None], f
+
+    @staticmethod
+    def _weights(wx: torch.Tensor, wy: torch.Tensor, wz: torch.Tensor) -> torch.Tensor:
+        """[N,8] corner weights from each axis's [N,2] weights (corner order: x, then y, then z)."""
+        return (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
+
+    def _corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the 8 corners of each point's cell and their trilinear weights."""
+        idx, f = self._cell(x)
+        return idx, self._weights(*(torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3)))
 
     def _lookup(self, x: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
         idx, w = self._corners(x)
@@ -125,19 +133,12 @@ class GridNeRF(nn.Module):
         (1 - f, f) for (-1, 1). Softplus is monotonic, so the raw value's gradient has the same
         direction as the density's.
         """
-        r = self.resolution
-        extent = self.aabb[3:] - self.aabb[:3]
-        g = ((x - self.aabb[:3]) / extent).clamp(0, 1) * (r - 1)
-        f = g - g.floor().clamp(max=r - 2)
-        idx, _ = self._corners(x)
+        idx, f = self._cell(x)
         w = [torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3)]
         dw = torch.tensor([-1.0, 1.0], device=x.device).expand(len(x), 2)
-        derivs = []
-        for axis in range(3):
-            wx, wy, wz = (dw if k == axis else w[k] for k in range(3))
-            derivs.append((wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8))
+        derivs = [self._weights(*(dw if k == axis else w[k] for k in range(3))) for axis in range(3)]
         raw = TrilinearLookup.apply(self.table, idx.repeat(3, 1), torch.cat(derivs))[:, 0]
-        grad = raw.view(3, -1).t() * ((r - 1) / extent)
+        grad = raw.view(3, -1).t() * ((self.resolution - 1) / (self.aabb[3:] - self.aabb[:3]))
         return -F.normalize(grad, dim=-1, eps=1e-8)
 
     def albedo(self, x: torch.Tensor) -> torch.Tensor:

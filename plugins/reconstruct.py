@@ -17,9 +17,8 @@ from gen3d import fields, hookimpl
 from gen3d.cameras import orbit
 from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
-from gen3d.export import MeshSettings, timed_export
-from gen3d.io import atomic_path
-from gen3d.plugins import get_component
+from gen3d.export import MeshSettings, level_at_opaque_depth, timed_export
+from gen3d.io import atomic_path, to_uint8, write_gif
 from gen3d.render import RenderSettings, VolumeRenderer
 from gen3d.specs import Component
 
@@ -70,23 +69,19 @@ class ReconstructConfig:
     eval_views: int = 8  # held-out views used for the quick evaluations during training
 
 
-def component(choice_: Choice):
-    return get_component(choice_.kind, choice_.type)
-
-
 class Reconstruct:
     def __init__(self, config: ReconstructConfig, run):
         self.config, self.run = config, run
         device = run.device
-        self.data = component(config.data).factory(config.data.config)
+        self.data = config.data.build()
         self.train_views = self.data.train.cameras.to(device)
         images = self.data.train.images.to(device)
         self.pixels = images.reshape(-1, 4)
         self.image_size = images.shape[1:3]
         aabb = self.data.aabb.to(device)
         self.renderer = VolumeRenderer(aabb, config.render)
-        self.field = component(config.representation).factory(
-            config.representation.config, aabb=aabb, step_size=self.renderer.step_size)
+        self.field = config.representation.build(
+            aabb=aabb, step_size=self.renderer.step_size)
         self.optimizer = fields.make_optimizer(self.field)
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
@@ -257,13 +252,11 @@ class Reconstruct:
         h, w = self.image_size
         cam, pixel = pick // (h * w), pick % (h * w)
         origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
-        out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
-        opaque = out.opacity > 0.95
-        if opaque.sum() < 16:
+        level = level_at_opaque_depth(self.renderer, self.field, origins, dirs)
+        if level is None:
             raise Gen3DError("cannot choose export.level: the field is not opaque where the images are; "
                              "train longer or set export.level")
-        points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
-        return float(self.field.density(points).median())
+        return level
 
     def write_comparison(self, preds, truths) -> None:
         k = min(self.config.preview.test_images, len(preds))
@@ -283,9 +276,7 @@ class Reconstruct:
         center = ((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist()
         cameras = orbit(frames, radius, self.config.preview.elevation, fov, max(views.width, 64), center)
         cameras = cameras.to(self.run.device)
-        images = [to_uint8(self.render_view(cameras, i)) for i in range(frames)]
-        with atomic_path(self.run.path("turntable.gif")) as tmp:
-            iio.imwrite(tmp, np.stack(images), extension=".gif", duration=80, loop=0)
+        write_gif(self.run.path("turntable.gif"), [self.render_view(cameras, i) for i in range(frames)])
 
 
 def object_cells(occupied: torch.Tensor) -> torch.Tensor:
@@ -302,10 +293,6 @@ def object_cells(occupied: torch.Tensor) -> torch.Tensor:
 
 def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(-10 * np.log10(max(float(np.mean((pred - truth) ** 2)), 1e-10)))
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def chamfer(mesh, truth_path: Path, samples: int = 100_000, seed: int = 0) -> float:

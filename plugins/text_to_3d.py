@@ -19,8 +19,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import imageio.v3 as iio
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,9 +27,8 @@ from gen3d import fields, hookimpl
 from gen3d.cameras import orbit, random_views
 from gen3d.config import Choice, choice
 from gen3d.errors import ConfigError, Gen3DError
-from gen3d.export import MeshSettings, timed_export
-from gen3d.io import atomic_path
-from gen3d.plugins import get_component
+from gen3d.export import MeshSettings, level_at_opaque_depth, timed_export
+from gen3d.io import write_gif
 from gen3d.prompts import ViewPrompts, view_prompts
 from gen3d.render import RenderSettings, VolumeRenderer, cell_max_density
 from gen3d.specs import Component
@@ -132,10 +129,6 @@ class LearnedBackground(nn.Module):
         return torch.sigmoid(self.net(dirs))
 
 
-def component(choice_: Choice):
-    return get_component(choice_.kind, choice_.type)
-
-
 class TextTo3D:
     def __init__(self, config: TextTo3DConfig, run):
         if not config.prompt.strip():
@@ -147,10 +140,10 @@ class TextTo3D:
         self.generator = torch.Generator().manual_seed(run.recipe.settings.seed)
         self.aabb = torch.tensor([-config.box] * 3 + [config.box] * 3, device=device)
         self.renderer = VolumeRenderer(self.aabb, config.render)
-        self.field = component(config.representation).factory(
-            config.representation.config, aabb=self.aabb, step_size=self.renderer.step_size)
+        self.field = config.representation.build(
+            aabb=self.aabb, step_size=self.renderer.step_size)
         self.optimizer = fields.make_optimizer(self.field)
-        self.guidance = component(config.guidance).factory(config.guidance.config, device=device)
+        self.guidance = config.guidance.build(device=device)
         self.background = LearnedBackground().to(device)
         self.background_optimizer = torch.optim.Adam(self.background.parameters(), lr=config.background.lr)
         run.log(f"prompt: {config.prompt!r}; guidance: {config.guidance.type}; renderer: {self.renderer.path}")
@@ -283,11 +276,9 @@ class TextTo3D:
         size = self.config.preview.size // 2
         sample = self.sample_views(views, size)
         origins, dirs = self.view_rays(sample.cameras)
-        out = self.renderer.render_chunked(self.field, origins, dirs, torch.zeros(3, device=origins.device))
-        opaque = out.opacity > 0.95
-        if opaque.sum() >= 16:
-            points = origins[opaque] + dirs[opaque] * out.depth[opaque, None]
-            return float(self.field.density(points).median())
+        level = level_at_opaque_depth(self.renderer, self.field, origins, dirs)
+        if level is not None:
+            return level
         peak = float(cell_max_density(self.field, self.config.render.occupancy_resolution).max())
         if peak <= 0:
             raise Gen3DError("the field is empty: nothing to export (train longer, or set export.level)")
@@ -306,13 +297,14 @@ class TextTo3D:
         frames = []
         for i in range(len(cameras)):
             origins, dirs = cameras.image_rays(i)
-            background = self.background(dirs) if self.config.background.kind == "learned" else \
-                torch.tensor(self.config.background.color, device=dirs.device)
-            out = self.renderer.render_chunked(self.field, origins, dirs, background) \
-                if background.dim() == 1 else self.renderer.render(self.field, origins, dirs, background)
-            frames.append(to_uint8(out.rgb.view(p.size, p.size, 3).cpu().numpy()))
-        with atomic_path(self.run.path("turntable.gif")) as tmp:
-            iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=80, loop=0)
+            out = self.renderer.render_chunked(self.field, origins, dirs, self.preview_background(dirs))
+            frames.append(out.rgb.view(p.size, p.size, 3).cpu().numpy())
+        write_gif(self.run.path("turntable.gif"), frames)
+
+    def preview_background(self, dirs: torch.Tensor) -> torch.Tensor:
+        if self.config.background.kind == "learned":
+            return self.background(dirs)
+        return torch.tensor(self.config.background.color, device=dirs.device)
 
 
 class Shader:
@@ -345,10 +337,6 @@ def normals(field, points: torch.Tensor, dirs: torch.Tensor, eps: float) -> torc
                            device=points.device)
     grad = sum(o * field(points + eps * o, dirs)[0][:, None] for o in offsets)
     return -F.normalize(grad, dim=-1, eps=1e-8)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def build(config: TextTo3DConfig, *, run) -> TextTo3D:

@@ -65,6 +65,15 @@ def small_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def register():
+    """Register plugin objects in this process for one test."""
+    from gen3d import plugins
+
+    yield plugins.register
+    plugins.unregister_all_extra()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion folder (diffusers layout), loaded like any hub checkpoint."""

@@ -75,13 +75,6 @@ def test_unknown_loop_error_lists_known_names_from_cli(site, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture
-def register():
-    """Register plugin objects in this process for one test."""
-    yield plugins.register
-    plugins.unregister_all_extra()
-
-
 def test_duplicate_component_names_are_rejected(register):
     class Dup:
         @gen3d.hookimpl

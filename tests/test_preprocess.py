@@ -13,7 +13,6 @@ from PIL import Image
 from skimage import data as skdata
 
 import gen3d
-from gen3d import plugins
 from gen3d.cli import main
 from gen3d.errors import ConfigError, DataError
 from gen3d.images import read_image
@@ -428,10 +427,8 @@ class FlatDepth:
 
 
 @pytest.fixture
-def depth_plugin():
-    plugins.register(DepthOnly())
-    yield
-    plugins.unregister_all_extra()
+def depth_plugin(register):
+    register(DepthOnly())
 
 
 def test_role_mismatch_is_named_and_depth_is_written(depth_plugin, plain_composites, tmp_path):

@@ -10,7 +10,7 @@ import torch
 import trimesh
 from conftest import ROOT, validate_gltf
 
-from gen3d import hookimpl, plugins
+from gen3d import hookimpl
 from gen3d.errors import ConfigError
 from gen3d.io import load_checkpoint
 from gen3d.plugins import get_component
@@ -160,10 +160,8 @@ class TinyMLPPlugin:
 
 
 @pytest.fixture
-def mlp_representation():
-    plugins.register(TinyMLPPlugin())
-    yield
-    plugins.unregister_all_extra()
+def mlp_representation(register):
+    register(TinyMLPPlugin())
 
 
 def test_any_representation_that_renders_colour_and_opacity(mlp_representation, tiny_sd, tmp_path):
