@@ -25,6 +25,12 @@ import torch
 DEFAULT_LR = 1e-2
 
 
+def build(choice, aabb: torch.Tensor, step_size: float):
+    """Build the recipe's representation on the device of its box (a factory may build on the CPU)."""
+    field = choice.build(aabb=aabb, step_size=step_size)
+    return field.to(aabb.device) if isinstance(field, torch.nn.Module) else field
+
+
 def make_optimizer(field) -> torch.optim.Optimizer:
     if hasattr(field, "make_optimizer"):
         return field.make_optimizer()

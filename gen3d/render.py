@@ -15,7 +15,10 @@ Two code paths, chosen by device:
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,15 +126,24 @@ def cell_max_density(field: RadianceField, resolution: int) -> torch.Tensor:
     return F.max_pool3d(sigma, kernel_size=3, stride=2)[0, 0]
 
 
+@functools.cache
 def nerfacc_cuda_available() -> bool:
-    """True when nerfacc's CUDA extension can be loaded (it compiles on first use)."""
-    if not torch.cuda.is_available():
+    """True when nerfacc's CUDA extension can be loaded (it compiles on first use, which needs
+    nvcc and ninja and takes a few minutes once). ``GEN3D_NERFACC_CUDA=0`` turns it off, so a GPU
+    run uses the torch-batched path (for comparison, or where the extension will not build)."""
+    if not torch.cuda.is_available() or os.environ.get("GEN3D_NERFACC_CUDA", "1") == "0":
         return False
     try:
-        from nerfacc.cuda import _backend  # noqa: F401  (builds or loads the extension)
-    except Exception:
-        return False
-    return True
+        from nerfacc.cuda import _backend  # builds or loads the extension
+    except Exception as error:  # noqa: BLE001  (any build failure: fall back, but say so)
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        if _backend._C is not None:
+            return True
+        reason = "no CUDA toolkit (nvcc) to build it"  # nerfacc then leaves _C unset
+    warnings.warn(f"nerfacc's CUDA extension is unavailable ({reason}); rendering on the GPU "
+                  "with the slower torch-batched path", stacklevel=2)
+    return False
 
 
 class VolumeRenderer:

@@ -264,6 +264,8 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if torch.is_tensor(lr) and lr.device != p.device:  # a checkpoint loads onto the CPU
+                    group["lr"] = lr = lr.to(p.device)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0

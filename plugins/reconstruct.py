@@ -80,8 +80,7 @@ class Reconstruct:
         self.image_size = images.shape[1:3]
         aabb = self.data.aabb.to(device)
         self.renderer = VolumeRenderer(aabb, config.render)
-        self.field = config.representation.build(
-            aabb=aabb, step_size=self.renderer.step_size)
+        self.field = fields.build(config.representation, aabb, self.renderer.step_size)
         self.optimizer = fields.make_optimizer(self.field)
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha

@@ -140,8 +140,7 @@ class TextTo3D:
         self.generator = torch.Generator().manual_seed(run.recipe.settings.seed)
         self.aabb = torch.tensor([-config.box] * 3 + [config.box] * 3, device=device)
         self.renderer = VolumeRenderer(self.aabb, config.render)
-        self.field = config.representation.build(
-            aabb=self.aabb, step_size=self.renderer.step_size)
+        self.field = fields.build(config.representation, self.aabb, self.renderer.step_size)
         self.optimizer = fields.make_optimizer(self.field)
         self.guidance = config.guidance.build(device=device)
         self.background = LearnedBackground().to(device)

@@ -30,7 +30,7 @@ def install_fake_distribution(site: Path, module_source: Path, name="gen3d-examp
 
 
 def gen3d_cli(args, site: Path, cwd: Path):
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "gen3d", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 

@@ -84,7 +84,9 @@ def test_resume_gives_the_same_field(small_dataset, tmp_path):
                          resume=True, quiet=True)
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
-    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    # On CUDA, scatter-adds in the backward pass are not deterministic: two straight runs differ
+    # by ~1e-4 there (measured on an H100), and so does a resumed one.
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3 if torch.cuda.is_available() else 1e-5)
     # The box was tightened before the half-way checkpoint: resuming rebuilt the renderer for it.
     box = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["aabb"]
     assert (box[3:] - box[:3]).prod() < 0.9 * 2.2 ** 3

