@@ -3,6 +3,7 @@
     python benchmarks/bench_reconstruct.py                         # shipped toy data, default recipe
     python benchmarks/bench_reconstruct.py --data assets/plain --repeat 3
     python benchmarks/bench_reconstruct.py -- steps=300            # any recipe override after --
+    python benchmarks/bench_reconstruct.py --keep runs/bench        # keep the run folders (mesh, previews)
 
 Reports train seconds, steps/s, field evaluations per ray, peak RSS, PSNR on the held-out
 views at 15 s, 30 s, 60 s of training and at the end (evaluation time excluded), Chamfer
@@ -23,13 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_run(recipe_path: Path, data: Path, overrides: list[str]) -> dict:
+def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | None = None) -> dict:
     from gen3d.recipe import load_recipe
     from gen3d.trainer import run_recipe
 
     recipe = load_recipe(recipe_path, [f"data.path={data.resolve()}", "eval_at_seconds=[15, 30, 60]", *overrides])
-    with tempfile.TemporaryDirectory() as out:
-        m = run_recipe(recipe, Path(out), quiet=True)
+    if keep is not None:  # a fresh numbered folder per run, kept for a look at the mesh and previews
+        out = keep / f"run{sum(1 for _ in keep.glob('run*'))}" if keep.exists() else keep / "run0"
+        m = run_recipe(recipe, out, quiet=True)
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            m = run_recipe(recipe, Path(out), quiet=True)
     at = {f"psnr_{int(e['seconds'])}s": round(e["psnr_test"], 2) for e in m.get("timeline", [])}
     return {
         "data": str(data), "steps": m["steps"], "train_seconds": m["train_seconds"],
@@ -46,11 +51,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "assets" / "toy")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "nerf-reconstruct.yaml")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="keep each run's folder under this folder (run0, run1, ...)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     import torch
 
-    runs = [one_run(args.recipe, args.data, args.overrides) for _ in range(args.repeat)]
+    runs = [one_run(args.recipe, args.data, args.overrides, args.keep) for _ in range(args.repeat)]
     numeric = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
     median = {k: (statistics.median(r[k] for r in runs if r.get(k) is not None) if any(r.get(k) is not None for r in runs)
                   else None) for k in numeric}

@@ -41,13 +41,29 @@ class Cameras:
         origins = self.c2w[cam, :3, 3]
         return origins, dirs
 
-    def image_rays(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All rays of one camera through pixel centres, row-major [H*W]."""
+    def image_rays(self, index: int, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """All rays of one camera, row-major [H*W*s*s]: through pixel centres, or with
+        ``supersample`` s > 1 through the centres of each pixel's s x s sub-cells (pixel-major, so
+        ``reshape(H*W, s*s, ...)`` groups a pixel's rays)."""
         dev = self.c2w.device
-        v, u = torch.meshgrid(torch.arange(self.height, device=dev, dtype=torch.float32) + 0.5,
-                              torch.arange(self.width, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
-        cam = torch.full((self.height * self.width,), index, device=dev, dtype=torch.long)
+        v, u = torch.meshgrid(torch.arange(self.height, device=dev, dtype=torch.float32),
+                              torch.arange(self.width, device=dev, dtype=torch.float32), indexing="ij")
+        offsets = subpixel_offsets(self.height * self.width, supersample, device=dev)
+        u = u.reshape(-1, 1) + offsets[..., 0]
+        v = v.reshape(-1, 1) + offsets[..., 1]
+        cam = torch.full((u.numel(),), index, device=dev, dtype=torch.long)
         return self.rays(cam, u.reshape(-1), v.reshape(-1))
+
+
+def subpixel_offsets(pixels: int, s: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[pixels, s*s, 2] positions inside a pixel (0..1): the centres of its s x s sub-cells, or,
+    given a generator, a random point in each sub-cell (stratified: the pixel stays evenly covered)."""
+    cells = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s
+    grid = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), dim=-1).reshape(1, s * s, 2)
+    if generator is None:
+        return grid.expand(pixels, s * s, 2)
+    jitter = torch.rand(pixels, s * s, 2, generator=generator, device=device) - 0.5
+    return grid + jitter / s
 
 
 def focal_from_fov(fov_x: float, width: int) -> float:

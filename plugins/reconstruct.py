@@ -14,12 +14,12 @@ from scipy.spatial import cKDTree
 from torch.profiler import record_function
 
 from gen3d import fields, hookimpl
-from gen3d.cameras import orbit
+from gen3d.cameras import orbit, subpixel_offsets
 from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
-from gen3d.export import MeshSettings, level_at_opaque_depth, timed_export
+from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
 from gen3d.io import atomic_path, to_uint8, write_gif
-from gen3d.render import RenderSettings, VolumeRenderer
+from gen3d.render import RenderSettings, VolumeRenderer, pixel_means
 from gen3d.specs import Component
 
 
@@ -103,7 +103,7 @@ class Reconstruct:
             origins, dirs, target, background, index = self.sample_rays(self.config.train.rays_per_step)
         with record_function("gen3d.render"):
             out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
-            squared = (out.rgb - target) ** 2
+            squared = (pixel_means(out.rgb, len(target)) - target) ** 2
             mse = squared.mean()
             if self.config.train.error_sampling > 0:
                 self.pixel_error[index] = squared.detach().mean(dim=1) + 1e-5  # a floor keeps every pixel in play
@@ -145,9 +145,12 @@ class Reconstruct:
         self.optimizer = fields.make_optimizer(self.field)
         self.run.log(f"step {step}: scene box tightened to {[round(v, 3) for v in aabb.tolist()]}")
 
-    def sample_rays(self, n: int):
-        """Random training pixels: rays, target colours composited on each ray's background."""
+    def sample_rays(self, rays: int):
+        """Random training pixels, s x s rays each (``render.supersample``): rays [n*s*s] grouped
+        by pixel, and per pixel the target colour composited on its random background [n]."""
         device = self.pixels.device
+        s = self.config.render.supersample
+        n = max(1, rays // (s * s))
         index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
         share = self.config.train.error_sampling
         if share > 0:
@@ -157,19 +160,18 @@ class Reconstruct:
             index[:k] = torch.searchsorted(cdf, u).clamp_max(len(self.pixels) - 1)
         h, w = self.image_size
         cam, pixel = index // (h * w), index % (h * w)
-        if self.config.train.pixel_jitter:
-            offset = torch.rand(n, 2, generator=self.generator, device=device)
-        else:
-            offset = torch.full((n, 2), 0.5, device=device)
-        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + offset[:, 0],
-                                              (pixel // w).float() + offset[:, 1])
+        jitter = self.generator if self.config.train.pixel_jitter else None
+        offset = subpixel_offsets(n, s, device=device, generator=jitter)  # [n, s*s, 2]
+        origins, dirs = self.train_views.rays(cam.repeat_interleave(s * s),
+                                              ((pixel % w)[:, None] + offset[..., 0]).reshape(-1),
+                                              ((pixel // w)[:, None] + offset[..., 1]).reshape(-1))
         rgba = self.pixels[index]
         if self.random_background:
             background = torch.rand(n, 3, generator=self.generator, device=device)
         else:
             background = self.background.expand(n, 3)
         target = rgba[:, :3] * rgba[:, 3:] + background * (1 - rgba[:, 3:])
-        return origins, dirs, target, background, index
+        return origins, dirs, target, background.repeat_interleave(s * s, dim=0), index
 
     def state_dict(self) -> dict:
         return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
@@ -189,9 +191,10 @@ class Reconstruct:
     # --- evaluation and outputs --------------------------------------------------------------
 
     def render_view(self, cameras, index: int) -> np.ndarray:
-        origins, dirs = cameras.image_rays(index)
+        origins, dirs = cameras.image_rays(index, self.config.render.supersample)
         out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
-        return out.rgb.reshape(cameras.height, cameras.width, 3).clamp(0, 1).cpu().numpy()
+        rgb = pixel_means(out.rgb, cameras.height * cameras.width)
+        return rgb.reshape(cameras.height, cameras.width, 3).clamp(0, 1).cpu().numpy()
 
     def test_images(self, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         test = self.data.test
@@ -239,22 +242,24 @@ class Reconstruct:
         return metrics
 
     @torch.no_grad()
-    def surface_level(self, rays: int = 16384) -> float:
-        """The density where rays through the object stop: the median density at the expected
-        depth of training rays that end up opaque. Used as the marching-cubes level, so the
-        mesh sits where the renderings put the surface, whatever the field's density scale."""
-        solid = (self.pixels[:, 3] > 0.99).nonzero().squeeze(1)
-        if len(solid) == 0:
-            raise Gen3DError("cannot choose export.level: the training images have no opaque pixels; set export.level")
-        pick = solid[torch.randint(len(solid), (min(rays, len(solid)),), generator=self.generator,
-                                   device=solid.device)]
+    def surface_level(self, rays: int = 32768) -> float:
+        """The marching-cubes level whose surface has the training images' silhouettes (alpha
+        > 0.5 at the pixel centre; for images without alpha, the field's own rendered opacity),
+        from random training pixels drawn with a fixed seed, so a resumed run exports the same mesh."""
+        device = self.pixels.device
+        pick = torch.randint(len(self.pixels), (min(rays, len(self.pixels)),), device=device,
+                             generator=torch.Generator(device=device).manual_seed(0))
         h, w = self.image_size
         cam, pixel = pick // (h * w), pick % (h * w)
         origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
-        level = level_at_opaque_depth(self.renderer, self.field, origins, dirs)
+        if self.data.has_alpha:
+            covered = self.pixels[pick, 3] > 0.5
+        else:
+            covered = self.renderer.render_chunked(self.field, origins, dirs, self.background).opacity > 0.5
+        level = level_from_silhouettes(self.renderer, self.field, origins, dirs, covered)
         if level is None:
-            raise Gen3DError("cannot choose export.level: the field is not opaque where the images are; "
-                             "train longer or set export.level")
+            raise Gen3DError("cannot choose export.level: the training views show too little of the object, or "
+                             "too little empty background around it, to match silhouettes; set export.level")
         return level
 
     def write_comparison(self, preds, truths) -> None:

@@ -27,7 +27,7 @@ from gen3d import fields, hookimpl
 from gen3d.cameras import orbit, random_views
 from gen3d.config import Choice, choice
 from gen3d.errors import ConfigError, Gen3DError
-from gen3d.export import MeshSettings, level_at_opaque_depth, timed_export
+from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
 from gen3d.io import write_gif
 from gen3d.prompts import ViewPrompts, view_prompts
 from gen3d.render import RenderSettings, VolumeRenderer, cell_max_density
@@ -270,12 +270,13 @@ class TextTo3D:
 
     @torch.no_grad()
     def surface_level(self, views: int = 8) -> float:
-        """The density where rays of random views stop (median at the expected depth of opaque
-        rays). A field with no opaque ray yet falls back to half its highest density."""
+        """The level whose surface has the silhouettes of the field's own renderings (opacity >
+        0.5) in random views. A field with no such silhouette yet falls back to half its highest density."""
         size = self.config.preview.size // 2
         sample = self.sample_views(views, size)
         origins, dirs = self.view_rays(sample.cameras)
-        level = level_at_opaque_depth(self.renderer, self.field, origins, dirs)
+        opacity = self.renderer.render_chunked(self.field, origins, dirs, torch.zeros(3, device=origins.device)).opacity
+        level = level_from_silhouettes(self.renderer, self.field, origins, dirs, opacity > 0.5)
         if level is not None:
             return level
         peak = float(cell_max_density(self.field, self.config.render.occupancy_resolution).max())

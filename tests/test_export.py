@@ -9,7 +9,8 @@ import trimesh
 
 from conftest import blender_import, validate_gltf
 from gen3d.errors import ConfigError, Gen3DError
-from gen3d.export import MeshSettings, export_mesh, extract_mesh
+from gen3d.export import MeshSettings, export_mesh, extract_mesh, level_from_silhouettes
+from gen3d.render import RenderSettings, VolumeRenderer
 
 SEMI_AXES = torch.tensor([0.3, 0.5, 0.8])  # tall along world Z: "upright" is easy to check
 
@@ -26,6 +27,43 @@ class Ellipsoid:
     def albedo(self, x):
         t = ((x[:, 2:3] + 0.8) / 1.6).clamp(0, 1)
         return torch.cat([1 - t, 0.2 * torch.ones_like(t), t], dim=1)
+
+
+class RampBall:
+    """Density rising linearly inwards from the sphere r = 0.6 (0) to r = 0.4 (100): a soft surface
+    like the ones a radiance field learns."""
+
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+
+    def density(self, x):
+        return (500 * (0.6 - x.norm(dim=-1))).clamp(0, 100)
+
+    def __call__(self, x, d):
+        return self.density(x), torch.full((len(x), 3), 0.5)
+
+
+def test_export_level_reproduces_the_silhouettes():
+    # Parallel rays at distances 0..0.7 from the ball's centre; the images say the object's
+    # outline is at 0.5. A ray at distance b meets peak density 500 (0.6 - b), so the level that
+    # draws the outline at 0.5 is 50, whatever the density scale.
+    renderer = VolumeRenderer(RampBall.aabb, RenderSettings(samples_per_diagonal=1024))
+    offsets = torch.linspace(0.0, 0.7, 701)
+    origins = torch.stack([torch.full_like(offsets, -3.0), offsets, torch.zeros_like(offsets)], dim=1)
+    dirs = torch.tensor([[1.0, 0.0, 0.0]]).expand(len(offsets), 3)
+    level = level_from_silhouettes(renderer, RampBall(), origins, dirs, covered=offsets < 0.5)
+    assert level == pytest.approx(50.0, rel=0.03)
+    exact = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_fraction=0))
+    assert np.linalg.norm(exact.vertices, axis=1).mean() == pytest.approx(0.5, abs=0.005)
+    # Filling the inside keeps only fill_band voxels of the outer ramp, 3.6 voxels wide here from
+    # the outside level (12.5) to the level: a band of 6 keeps it (and the voxel past the level
+    # that marching cubes interpolates to); the default 4 cuts it, the surface moves out.
+    kept = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_band=6))
+    assert np.linalg.norm(kept.vertices, axis=1).mean() == pytest.approx(0.5, abs=0.005)
+    cut = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level))
+    assert 0.505 < np.linalg.norm(cut.vertices, axis=1).mean() < 0.5 + 2 / 96
+    # An outline at 0.45 asks for a higher level; no covered ray at all: no level.
+    assert level_from_silhouettes(renderer, RampBall(), origins, dirs, offsets < 0.45) == pytest.approx(75, rel=0.03)
+    assert level_from_silhouettes(renderer, RampBall(), origins, dirs, offsets < 0) is None
 
 
 @pytest.fixture(scope="module")

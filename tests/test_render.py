@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gen3d.cameras import Cameras, focal_from_fov, look_at, orbit
-from gen3d.render import OccupancyGrid, RenderSettings, VolumeRenderer, ray_aabb
+from gen3d.cameras import Cameras, focal_from_fov, look_at, orbit, subpixel_offsets
+from gen3d.render import OccupancyGrid, RenderSettings, VolumeRenderer, pixel_means, ray_aabb
 
 AABB = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
 
@@ -117,6 +117,26 @@ def test_camera_conventions_z_up_opengl():
     assert d[1, 2] > 0  # the top row of the image looks upwards (+Z)
     ring = orbit(8, 3.0, 30.0, 0.7, 32)
     assert torch.allclose(ring.c2w[:, :3, 3].norm(dim=-1), torch.full((8,), 3.0), atol=1e-5)
+
+
+def test_supersampled_pixels_cover_the_pixel_evenly():
+    centres = subpixel_offsets(5, 3)
+    assert centres.shape == (5, 9, 2)
+    assert torch.allclose(centres.mean(dim=1), torch.full((5, 2), 0.5))  # centred on the pixel
+    assert torch.allclose(centres[0, :3, 0], torch.tensor([1 / 6, 0.5, 5 / 6]))  # x varies fastest
+    jittered = subpixel_offsets(1000, 2, generator=torch.Generator().manual_seed(0))
+    cell = (jittered * 2).floor()  # stratified: sample k stays in sub-cell k
+    assert torch.equal(cell, (subpixel_offsets(1, 2) * 2).floor().expand(1000, 4, 2))
+    assert 0.2 < jittered.std() < 0.35  # spread over the cells, not stuck at their centres
+    f = focal_from_fov(math.radians(50), 8)
+    cams = Cameras(look_at(torch.tensor([3.0, 0, 0]), torch.zeros(3))[None], torch.tensor([f]), torch.tensor([f]),
+                   torch.tensor([4.0]), torch.tensor([4.0]), 8, 6)
+    one, d1 = cams.image_rays(0)
+    many, d4 = cams.image_rays(0, supersample=2)
+    assert one.shape == (48, 3) and many.shape == (192, 3)
+    # a pixel's four rays surround its centre ray
+    assert torch.allclose(pixel_means(d4, 48), d1, atol=1e-3)
+    assert torch.equal(pixel_means(torch.arange(8.0)[:, None], 2), torch.tensor([[1.5], [5.5]]))
 
 
 @pytest.mark.cuda
