@@ -41,8 +41,14 @@ class TrainSettings:
     # Share of each step's rays drawn in proportion to their pixel's last seen error (the rest
     # uniformly): training time goes where the renderings are still wrong, mostly edges.
     error_sampling: float = 0.0
+    # Learning rates fall exponentially to this fraction of the field's own at the recipe's last
+    # step (by step count, so resumed runs match straight ones): Adam at a fixed rate keeps every
+    # voxel jittering around its optimum, which shows as grain in held-out views.
+    lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay is the final fraction of the learning rate, in (0, 1]; got {self.lr_decay}")
         if not 0 <= self.error_sampling <= 1:
             raise ValueError(f"error_sampling is a share of the rays, between 0 and 1; got {self.error_sampling}")
         if self.rays_per_step < 1:
@@ -81,7 +87,7 @@ class Reconstruct:
         aabb = self.data.aabb.to(device)
         self.renderer = VolumeRenderer(aabb, config.render)
         self.field = fields.build(config.representation, aabb, self.renderer.step_size)
-        self.optimizer = fields.make_optimizer(self.field)
+        self.new_optimizer()
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
         self.pixel_error = torch.ones(len(self.pixels), device=device)  # last seen squared error per pixel
@@ -97,7 +103,7 @@ class Reconstruct:
             if step == self.config.train.tighten_box_at:
                 self.tighten_box(step)
             if fields.grow(self.field, step):
-                self.optimizer = fields.make_optimizer(self.field)
+                self.new_optimizer()
             occupied = self.renderer.update_occupancy(self.field, step)
         with record_function("gen3d.rays"):
             origins, dirs, target, background, index = self.sample_rays(self.config.train.rays_per_step)
@@ -115,6 +121,7 @@ class Reconstruct:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with record_function("gen3d.optimizer"):
+            self.decay_learning_rates(step)
             self.optimizer.step()
         n = len(origins)
         metrics = {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)),
@@ -142,8 +149,19 @@ class Reconstruct:
         self.field.refit(aabb, getattr(self.field, "resolution_at", lambda s: None)(step))
         self.renderer = VolumeRenderer(aabb, self.config.render, step_size=self.renderer.step_size)
         self.renderer.update_occupancy(self.field, 0)
-        self.optimizer = fields.make_optimizer(self.field)
+        self.new_optimizer()
         self.run.log(f"step {step}: scene box tightened to {[round(v, 3) for v in aabb.tolist()]}")
+
+    def new_optimizer(self) -> None:
+        self.optimizer = fields.make_optimizer(self.field)
+        self.base_lrs = [g["lr"].clone() if torch.is_tensor(g["lr"]) else g["lr"] for g in self.optimizer.param_groups]
+
+    def decay_learning_rates(self, step: int) -> None:
+        if self.config.train.lr_decay == 1.0:
+            return
+        scale = self.config.train.lr_decay ** min(1.0, step / max(1, self.run.recipe.settings.steps))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
 
     def sample_rays(self, rays: int):
         """Random training pixels, s x s rays each (``render.supersample``): rays [n*s*s] grouped
@@ -182,7 +200,7 @@ class Reconstruct:
         fields.load_state(self.field, state["field"])
         if not torch.equal(self.field.aabb, self.renderer.aabb):  # the box was tightened before the checkpoint
             self.renderer = VolumeRenderer(self.field.aabb, self.config.render, step_size=self.renderer.step_size)
-        self.optimizer = fields.make_optimizer(self.field)
+        self.new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
         self.generator.set_state(state["generator"])

@@ -124,3 +124,20 @@ def test_error_sampling_draws_rays_where_the_error_is(small_dataset, tmp_path):
     assert torch.isin(index[500:], hard).float().mean() < 0.05  # the uniform half
     metrics = loop.step(0)  # a step records the errors it saw
     assert metrics["loss"] > 0 and (loop.pixel_error > 0).sum() > 10
+
+
+def test_learning_rates_fall_with_the_step_count(small_dataset, tmp_path):
+    from gen3d.plugins import get_component
+    from gen3d.trainer import Run
+
+    rec = small_recipe(small_dataset, "train.lr_decay=0.01", "steps=100")
+    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
+    loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+    start = loop.optimizer.param_groups[0]["lr"].clone()
+    loop.step(50)
+    assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.1)  # 0.01 ** (50 / 100)
+    loop.step(59)  # the next stage's fresh optimiser starts where the schedule is, not at the top
+    loop.step(60)
+    assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.01 ** 0.6)
+    with pytest.raises(Exception, match="lr_decay"):
+        small_recipe(small_dataset, "train.lr_decay=0")
