@@ -41,18 +41,21 @@ class Cameras:
         origins = self.c2w[cam, :3, 3]
         return origins, dirs
 
+    def pixel_rays(self, cam: torch.Tensor, pixel: torch.Tensor, supersample: int = 1,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rays through pixels (``pixel``: row-major index in camera ``cam``'s image), s x s a
+        pixel through its sub-cells' centres, or a random point in each given a generator;
+        pixel-major [len(pixel)*s*s], so ``reshape(-1, s*s, ...)`` groups a pixel's rays."""
+        offsets = subpixel_offsets(len(pixel), supersample, device=pixel.device, generator=generator)
+        u = (pixel % self.width)[:, None] + offsets[..., 0]
+        v = (pixel // self.width)[:, None] + offsets[..., 1]
+        return self.rays(cam.repeat_interleave(supersample * supersample), u.reshape(-1), v.reshape(-1))
+
     def image_rays(self, index: int, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """All rays of one camera, row-major [H*W*s*s]: through pixel centres, or with
-        ``supersample`` s > 1 through the centres of each pixel's s x s sub-cells (pixel-major, so
-        ``reshape(H*W, s*s, ...)`` groups a pixel's rays)."""
+        """All rays of one camera, row-major pixels, s x s rays a pixel (see ``pixel_rays``)."""
         dev = self.c2w.device
-        v, u = torch.meshgrid(torch.arange(self.height, device=dev, dtype=torch.float32),
-                              torch.arange(self.width, device=dev, dtype=torch.float32), indexing="ij")
-        offsets = subpixel_offsets(self.height * self.width, supersample, device=dev)
-        u = u.reshape(-1, 1) + offsets[..., 0]
-        v = v.reshape(-1, 1) + offsets[..., 1]
-        cam = torch.full((u.numel(),), index, device=dev, dtype=torch.long)
-        return self.rays(cam, u.reshape(-1), v.reshape(-1))
+        pixels = torch.arange(self.height * self.width, device=dev)
+        return self.pixel_rays(torch.full_like(pixels, index), pixels, supersample)
 
 
 def subpixel_offsets(pixels: int, s: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from torch.profiler import record_function
 
 from gen3d import fields, hookimpl
-from gen3d.cameras import orbit, subpixel_offsets
+from gen3d.cameras import orbit
 from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
 from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
@@ -179,10 +179,7 @@ class Reconstruct:
         h, w = self.image_size
         cam, pixel = index // (h * w), index % (h * w)
         jitter = self.generator if self.config.train.pixel_jitter else None
-        offset = subpixel_offsets(n, s, device=device, generator=jitter)  # [n, s*s, 2]
-        origins, dirs = self.train_views.rays(cam.repeat_interleave(s * s),
-                                              ((pixel % w)[:, None] + offset[..., 0]).reshape(-1),
-                                              ((pixel // w)[:, None] + offset[..., 1]).reshape(-1))
+        origins, dirs = self.train_views.pixel_rays(cam, pixel, s, jitter)
         rgba = self.pixels[index]
         if self.random_background:
             background = torch.rand(n, 3, generator=self.generator, device=device)
