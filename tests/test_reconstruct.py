@@ -141,3 +141,22 @@ def test_learning_rates_fall_with_the_step_count(small_dataset, tmp_path):
     assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.01 ** 0.6)
     with pytest.raises(Exception, match="lr_decay"):
         small_recipe(small_dataset, "train.lr_decay=0")
+
+
+@pytest.mark.slow
+def test_images_without_alpha_export_at_the_fields_own_silhouettes(small_dataset, tmp_path):
+    """RGB images (the object on white, no alpha): the export level comes from the field's rendered
+    opacity instead of the images' alpha, and the mesh still lands on the object."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "rgb"
+    shutil.copytree(small_dataset, data)
+    for path in data.glob("*/*.png"):
+        rgba = np.asarray(Image.open(path)).astype(np.float32) / 255
+        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB").save(path)
+    metrics = run_recipe(small_recipe(data, "steps=200", "export.formats=[ply]"), tmp_path / "run", quiet=True)
+    assert metrics["export_level"] > 0
+    assert metrics["chamfer"] < 0.03, metrics
