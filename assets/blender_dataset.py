@@ -188,11 +188,11 @@ def place_camera(cam: bpy.types.Object, rng: random.Random, distance: float) -> 
     bpy.context.view_layer.update()
 
 
-def render_split(split: str, count: int, out: Path, rng: random.Random) -> None:
+def render_split(split: str, count: int, out: Path, rng: random.Random, distance: float) -> None:
     scene = bpy.context.scene
     frames = []
     for i in range(count):
-        place_camera(scene.camera, rng, ARGS.distance)
+        place_camera(scene.camera, rng, distance)
         scene.render.filepath = str(out / split / f"r_{i}.png")
         bpy.ops.render.render(write_still=True)
         frames.append({"file_path": f"./{split}/r_{i}",
@@ -215,15 +215,19 @@ def write_ply(obj: bpy.types.Object, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-if __name__ == "__main__":
-    ARGS = parse_args()
+def main() -> None:
+    args = parse_args()
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    obj = make_object(ARGS.object)
-    make_material(obj, ARGS.texture)
-    setup_scene(ARGS.size, ARGS.samples, ARGS.noise_seed)
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    write_ply(obj, ARGS.out / "mesh.ply")
-    rng = random.Random(ARGS.seed)
-    for split, count in (("train", ARGS.train), ("val", ARGS.val), ("test", ARGS.test)):
-        render_split(split, count, ARGS.out, rng)
-    print(f"wrote {ARGS.train}/{ARGS.val}/{ARGS.test} views of {ARGS.object} to {ARGS.out}")
+    obj = make_object(args.object)
+    make_material(obj, args.texture)
+    setup_scene(args.size, args.samples, args.noise_seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_ply(obj, args.out / "mesh.ply")
+    rng = random.Random(args.seed)
+    for split, count in (("train", args.train), ("val", args.val), ("test", args.test)):
+        render_split(split, count, args.out, rng, args.distance)
+    print(f"wrote {args.train}/{args.val}/{args.test} views of {args.object} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
