@@ -30,7 +30,7 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
 
     recipe = load_recipe(recipe_path, [f"data.path={data.resolve()}", "eval_at_seconds=[15, 30, 60]", *overrides])
     if keep is not None:  # a fresh numbered folder per run, kept for a look at the mesh and previews
-        out = keep / f"run{sum(1 for _ in keep.glob('run*'))}" if keep.exists() else keep / "run0"
+        out = keep / f"run{len(list(keep.glob('run*')))}"
         m = run_recipe(recipe, out, quiet=True)
     else:
         with tempfile.TemporaryDirectory() as out:

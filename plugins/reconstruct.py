@@ -265,8 +265,7 @@ class Reconstruct:
         pick = torch.randint(len(self.pixels), (min(rays, len(self.pixels)),), device=device,
                              generator=torch.Generator(device=device).manual_seed(0))
         h, w = self.image_size
-        cam, pixel = pick // (h * w), pick % (h * w)
-        origins, dirs = self.train_views.rays(cam, (pixel % w).float() + 0.5, (pixel // w).float() + 0.5)
+        origins, dirs = self.train_views.pixel_rays(pick // (h * w), pick % (h * w))
         if self.data.has_alpha:
             covered = self.pixels[pick, 3] > 0.5
         else:
