@@ -4,7 +4,7 @@
 # build:    builds nerfacc's CUDA extension (timed; a few minutes the first time)
 # tests:    the test suite on the GPU machine (cuda-marked tests run; recipes pick CUDA themselves)
 # packed:   reconstruction benchmark on nerfacc's packed CUDA path
-# batched:  the same on the torch-batched path (GEN3D_NERFACC_CUDA=0), for comparison
+# batched:  the same on the torch-packed path (GEN3D_NERFACC_CUDA=0), for comparison
 # guidance: text-to-3D steps with Stable Diffusion 2.1-base-sized random models in fp16
 #           (seconds a step, peak VRAM) at batch 1 and 4, and with the tiny models.
 # Each step writes its JSON or log into OUTDIR.

@@ -51,6 +51,20 @@ class Cameras:
         v = (pixel // self.width)[:, None] + offsets[..., 1]
         return self.rays(cam.repeat_interleave(supersample * supersample), u.reshape(-1), v.reshape(-1))
 
+    def mixed_pixel_rays(self, cam: torch.Tensor, pixel: torch.Tensor, fine: torch.Tensor, supersample: int,
+                         fine_supersample: int, generator: torch.Generator | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``pixel_rays`` with s x s rays a pixel, but f x f on the pixels marked ``fine``; also
+        each ray's position in ``pixel`` (for ``render.pixel_means``)."""
+        position = torch.arange(len(pixel), device=pixel.device)
+        origins, dirs, ray_pixel = [], [], []
+        for mask, s in ((~fine, supersample), (fine, fine_supersample)):
+            o, d = self.pixel_rays(cam[mask], pixel[mask], s, generator)
+            origins.append(o)
+            dirs.append(d)
+            ray_pixel.append(position[mask].repeat_interleave(s * s))
+        return torch.cat(origins), torch.cat(dirs), torch.cat(ray_pixel)
+
     def image_rays(self, index: int, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """All rays of one camera, row-major pixels, s x s rays a pixel (see ``pixel_rays``)."""
         dev = self.c2w.device

@@ -5,10 +5,12 @@ and the background is composited with the remaining transmittance: C += (1 - sum
 
 Two code paths, chosen by device:
 - CPU (and CUDA without nerfacc's compiled extension): rays are marched at a fixed step inside
-  the scene box, samples in cells our own occupancy grid marks empty are dropped *before* the
-  field is evaluated, and weights come from nerfacc's pure-torch batched
-  ``render_weight_from_density``. Optionally a cheap density-only pass first finds samples
-  behind opaque surfaces (transmittance < early_stop) and skips them too.
+  the scene box, packed (each ray gets only the samples its chord through the box needs), samples
+  in cells our own occupancy grid marks empty are dropped *before* the field is evaluated, and
+  weights come from a packed exclusive sum in plain torch (``packed_weights``; nerfacc's packed
+  scans need its CUDA extension, and its batched ones pad every ray to the longest: measured
+  slower). Optionally a cheap density-only pass first finds samples behind opaque surfaces
+  (transmittance < early_stop) and skips them too.
 - CUDA with nerfacc's extension: nerfacc's ``OccGridEstimator`` marches the occupancy grid in its
   kernel and renders packed samples (``nerfacc.rendering``).
 """
@@ -16,7 +18,6 @@ Two code paths, chosen by device:
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ class RenderSettings:
     # its sub-cells. Photos and renders are area averages; one ray per pixel cannot match them at
     # sharp edges however well it learns (assets' edge ceiling).
     supersample: int = 1
+    # Rays per pixel side on silhouette pixels only (where the object's edge crosses the pixel):
+    # there one ray per pixel errs most, and they are a few percent of an image, so s x s rays
+    # on them cost little. Training finds them from the images' alpha, evaluation from the
+    # field's own one-ray opacity (see plugins/reconstruct.py). 1: off.
+    edge_supersample: int = 1
 
     def __post_init__(self) -> None:
         if self.samples_per_diagonal < 8:
@@ -59,6 +65,8 @@ class RenderSettings:
             raise ValueError("occupancy_resolution must be at least 4")
         if not 1 <= self.supersample <= 8:
             raise ValueError(f"supersample is rays per pixel side, 1 to 8; got {self.supersample}")
+        if not 1 <= self.edge_supersample <= 8:
+            raise ValueError(f"edge_supersample is rays per pixel side, 1 to 8; got {self.edge_supersample}")
 
 
 @dataclass
@@ -73,9 +81,34 @@ class RenderOutput:
     ray_index: torch.Tensor | None = None
 
 
-def pixel_means(values: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Average per pixel of values rendered pixel-major, s*s rays a pixel ([pixels*s*s, C] -> [pixels, C])."""
-    return values.view(pixels, -1, values.shape[-1]).mean(dim=1)
+def pixel_means(values: torch.Tensor, pixels: int, ray_pixel: torch.Tensor | None = None) -> torch.Tensor:
+    """Average per pixel of values rendered per ray ([rays, C] -> [pixels, C]): by default
+    pixel-major with s*s rays a pixel; given ``ray_pixel`` (each ray's pixel), any number a pixel."""
+    if ray_pixel is None:
+        return values.view(pixels, -1, values.shape[-1]).mean(dim=1)
+    sums = values.new_zeros(pixels, values.shape[-1]).index_add(0, ray_pixel, values)
+    counts = torch.bincount(ray_pixel, minlength=pixels).clamp_min(1)
+    return sums / counts[:, None].to(values.dtype)
+
+
+def packed_exclusive_sum(values: torch.Tensor, ray: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """For samples grouped by ray (``ray`` sorted), the sum of the earlier samples' values on the
+    same ray: one global cumulative sum minus its value where the ray's run starts. In float64,
+    because the global sum over thousands of opaque rays is large and the difference is small."""
+    if len(values) == 0:
+        return values
+    before = torch.cumsum(values.double(), 0) - values.double()
+    count = torch.bincount(ray, minlength=n_rays)
+    start = (torch.cumsum(count, 0) - count).clamp_max(len(values) - 1)
+    return (before - before[start][ray]).to(values.dtype)
+
+
+def packed_weights(optical_depth: torch.Tensor, ray: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Compositing weights w_i = T_i a_i of packed samples: a_i = 1 - exp(-sigma_i delta_i) and
+    T_i = exp(-sum_{j<i} sigma_j delta_j) = prod_{j<i} (1 - a_j). nerfacc's packed version of this
+    needs its CUDA extension; this is the same in plain torch, for the CPU."""
+    transmittance = torch.exp(-packed_exclusive_sum(optical_depth, ray, n_rays))
+    return transmittance * (1.0 - torch.exp(-optical_depth))
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +174,7 @@ def cell_max_density(field: RadianceField, resolution: int) -> torch.Tensor:
 def nerfacc_cuda_available() -> bool:
     """True when nerfacc's CUDA extension can be loaded (it compiles on first use, which needs
     nvcc and ninja and takes a few minutes once). ``GEN3D_NERFACC_CUDA=0`` turns it off, so a GPU
-    run uses the torch-batched path (for comparison, or where the extension will not build)."""
+    run uses the torch-packed path (for comparison, or where the extension will not build)."""
     if not torch.cuda.is_available() or os.environ.get("GEN3D_NERFACC_CUDA", "1") == "0":
         return False
     try:
@@ -153,7 +186,7 @@ def nerfacc_cuda_available() -> bool:
             return True
         reason = "no CUDA toolkit (nvcc) to build it"  # nerfacc then leaves _C unset
     warnings.warn(f"nerfacc's CUDA extension is unavailable ({reason}); rendering on the GPU "
-                  "with the slower torch-batched path", stacklevel=2)
+                  "with the slower torch-packed path", stacklevel=2)
     return False
 
 
@@ -178,7 +211,7 @@ class VolumeRenderer:
 
     @property
     def path(self) -> str:
-        return "nerfacc-cuda-packed" if self.packed else "torch-batched"
+        return "nerfacc-cuda-packed" if self.packed else "torch-packed"
 
     def update_occupancy(self, field: RadianceField, step: int) -> float | None:
         """Refresh the occupancy grid every ``occupancy_every`` steps; returns the occupied fraction."""
@@ -222,7 +255,7 @@ class VolumeRenderer:
             shader = lambda points, d, ray_index: field(points, d)
         if self.packed:
             return self._render_packed(field, origins, dirs, background, stratified, shader)
-        return self._render_batched(field, origins, dirs, background, stratified, shader)
+        return self._render_torch(field, origins, dirs, background, stratified, shader)
 
     def render_chunked(self, field: RadianceField, origins: torch.Tensor, dirs: torch.Tensor,
                        background: torch.Tensor, chunk: int = 1 << 14) -> RenderOutput:
@@ -235,52 +268,44 @@ class VolumeRenderer:
         return RenderOutput(torch.cat([o.rgb for o in outs]), torch.cat([o.opacity for o in outs]),
                             torch.cat([o.depth for o in outs]), sum(o.samples for o in outs))
 
-    def _render_batched(self, field, origins, dirs, background, stratified, shader) -> RenderOutput:
+    def _render_torch(self, field, origins, dirs, background, stratified, shader) -> RenderOutput:
         n_rays = origins.shape[0]
         with record_function("gen3d.render.march"):
-            points, t_mid, flat, n_steps = self._march(origins, dirs, stratified)
-        if self.settings.early_stop > 0 and flat.numel():
+            points, t_mid, ray = self._march(origins, dirs, stratified)
+        if self.settings.early_stop > 0 and len(ray):
             with record_function("gen3d.render.early_stop"):
-                flat = self._drop_hidden(field, points, flat, n_rays, n_steps)
-        ray = flat // n_steps
+                visible = self._visible(field, points, ray, n_rays)
+                points, t_mid, ray = points[visible], t_mid[visible], ray[visible]
         with record_function("gen3d.render.field"):
-            sigma_kept, rgb_kept = shader(points.view(-1, 3)[flat], dirs[ray], ray)
+            sigma, rgb_samples = shader(points, dirs[ray], ray)
         with record_function("gen3d.render.composite"):
-            sigma = torch.zeros(n_rays * n_steps, device=origins.device, dtype=sigma_kept.dtype)
-            sigma = sigma.scatter(0, flat, sigma_kept).view(n_rays, n_steps)
-            t_starts = t_mid - 0.5 * self.step_size
-            weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_starts + self.step_size, sigma)
-            w = weights.view(-1)[flat]
-            rgb = torch.zeros(n_rays, 3, device=origins.device, dtype=rgb_kept.dtype)
-            rgb = rgb.index_add(0, ray, w[:, None] * rgb_kept)
-            opacity = weights.sum(dim=1)
-            depth = (weights * t_mid).sum(dim=1)
+            w = packed_weights(sigma * self.step_size, ray, n_rays)
+            rgb = rgb_samples.new_zeros(n_rays, 3).index_add(0, ray, w[:, None] * rgb_samples)
+            opacity = w.new_zeros(n_rays).index_add(0, ray, w)
+            depth = w.new_zeros(n_rays).index_add(0, ray, w * t_mid)
             rgb = rgb + (1.0 - opacity)[:, None] * background
-        return RenderOutput(rgb, opacity, depth, int(flat.numel()), w, ray)
+        return RenderOutput(rgb, opacity, depth, len(ray), w, ray)
 
     def _march(self, origins, dirs, stratified):
-        """Fixed-step samples inside the box; the flat indices of those in occupied cells."""
+        """Fixed-step samples inside the box, packed (only as many per ray as its chord needs),
+        kept where our occupancy grid marks the cell occupied: points, distances, ray indices."""
         n_rays = origins.shape[0]
         near, far = ray_aabb(origins, dirs, self.aabb)
-        hit = far > near
-        span = float((far - near)[hit].max()) if hit.any() else 0.0
-        n_steps = max(1, math.ceil(span / self.step_size))
-        k = torch.arange(n_steps, device=origins.device, dtype=origins.dtype)
-        offset = torch.rand(n_rays, 1, device=origins.device) if stratified else 0.5
-        t_mid = near[:, None] + (k[None] + offset) * self.step_size  # [R,S]
-        points = origins[:, None] + t_mid[..., None] * dirs[:, None]
-        keep = (t_mid < far[:, None]) & hit[:, None]
-        keep &= self.occupancy.query(points)
-        return points, t_mid, keep.view(-1).nonzero().squeeze(1), n_steps
+        count = torch.where(far > near, torch.ceil((far - near) / self.step_size), 0).long()
+        ray = torch.repeat_interleave(torch.arange(n_rays, device=origins.device), count)
+        first = torch.cumsum(count, 0) - count
+        k = torch.arange(len(ray), device=origins.device) - first[ray]
+        offset = torch.rand(n_rays, device=origins.device) if stratified else torch.full((n_rays,), 0.5, device=origins.device)
+        t_mid = near[ray] + (k + offset[ray]) * self.step_size
+        points = origins[ray] + t_mid[:, None] * dirs[ray]
+        keep = (t_mid < far[ray]) & self.occupancy.query(points)
+        return points[keep], t_mid[keep], ray[keep]
 
     @torch.no_grad()
-    def _drop_hidden(self, field, points, flat, n_rays, n_steps) -> torch.Tensor:
-        """Density-only pass: keep samples whose transmittance is still above ``early_stop``."""
-        sigma = torch.zeros(n_rays * n_steps, device=points.device)
-        sigma[flat] = field.density(points.view(-1, 3)[flat]).float()
-        optical = sigma.view(n_rays, n_steps) * self.step_size
-        transmittance = torch.exp(-(torch.cumsum(optical, dim=1) - optical))
-        return flat[transmittance.view(-1)[flat] > self.settings.early_stop]
+    def _visible(self, field, points, ray, n_rays) -> torch.Tensor:
+        """Density-only pass: which samples' transmittance is still above ``early_stop``."""
+        optical = field.density(points).float() * self.step_size
+        return torch.exp(-packed_exclusive_sum(optical, ray, n_rays)) > self.settings.early_stop
 
     def _render_packed(self, field, origins, dirs, background, stratified, shader) -> RenderOutput:
         near, far = ray_aabb(origins, dirs, self.aabb)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gen3d.cameras import Cameras, focal_from_fov, look_at, orbit, subpixel_offsets
-from gen3d.render import OccupancyGrid, RenderSettings, VolumeRenderer, pixel_means, ray_aabb
+from gen3d.render import (OccupancyGrid, RenderSettings, VolumeRenderer, packed_exclusive_sum, packed_weights,
+                          pixel_means, ray_aabb)
 
 AABB = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
 
@@ -50,7 +51,7 @@ def some_rays(n=64, seed=0):
     return origins, torch.nn.functional.normalize(targets - origins, dim=-1)
 
 
-def test_batched_render_matches_textbook_formula():
+def test_render_matches_textbook_formula():
     renderer = VolumeRenderer(AABB, RenderSettings(samples_per_diagonal=200, early_stop=0))
     origins, dirs = some_rays(16)
     bg = torch.tensor([0.2, 0.9, 0.4])
@@ -137,6 +138,12 @@ def test_supersampled_pixels_cover_the_pixel_evenly():
     # a pixel's four rays surround its centre ray
     assert torch.allclose(pixel_means(d4, 48), d1, atol=1e-3)
     assert torch.equal(pixel_means(torch.arange(8.0)[:, None], 2), torch.tensor([[1.5], [5.5]]))
+    # Mixed: pixels 1 and 4 marked fine get 3x3 rays, the rest one; means land on each pixel.
+    pixels = torch.arange(6)
+    fine = torch.tensor([False, True, False, False, True, False])
+    _, dirs, ray_pixel = cams.mixed_pixel_rays(torch.zeros(6, dtype=torch.long), pixels, fine, 1, 3)
+    assert len(dirs) == 4 + 2 * 9 and torch.equal(torch.bincount(ray_pixel), torch.tensor([1, 9, 1, 1, 9, 1]))
+    assert torch.allclose(pixel_means(dirs, 6, ray_pixel), d1[:6], atol=1e-3)
 
 
 @pytest.mark.cuda
@@ -174,3 +181,23 @@ def test_cuda_packed_path_matches_cpu():
     assert skipped.samples < got.samples
     assert (skipped.rgb.cpu() - expected.rgb).abs().max() < 0.06
     assert (skipped.rgb.cpu() - expected.rgb).abs().mean() < 0.006
+
+
+def test_packed_exclusive_sum_per_ray_with_empty_rays():
+    # Rays 0 and 3 have no samples; sums restart at each ray's first sample.
+    ray = torch.tensor([1, 1, 1, 2, 4, 4])
+    values = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 11.0])
+    got = packed_exclusive_sum(values, ray, n_rays=5)
+    assert torch.equal(got, torch.tensor([0.0, 1.0, 3.0, 0.0, 0.0, 7.0]))
+    assert packed_exclusive_sum(values[:0], ray[:0], 5).numel() == 0
+
+
+def test_packed_weights_keep_precision_behind_many_opaque_rays():
+    # 5000 opaque rays before the one we check: a float32 global cumulative sum would lose it.
+    ray = torch.arange(5001).repeat_interleave(3)
+    optical = torch.full((len(ray),), 50.0)
+    optical[-3:] = torch.tensor([0.1, 0.2, 0.3])
+    w = packed_weights(optical, ray, 5001)[-3:]
+    a = 1 - torch.exp(-torch.tensor([0.1, 0.2, 0.3]))
+    expected = torch.stack([a[0], (1 - a[0]) * a[1], (1 - a[0]) * (1 - a[1]) * a[2]])
+    assert torch.allclose(w, expected, atol=1e-6)
