@@ -95,6 +95,7 @@ class Reconstruct:
         # Silhouette pixels (partly covered: fractional alpha) get render.edge_supersample rays a side.
         self.edge_supersample = config.render.edge_supersample if self.data.has_alpha else 1
         self.edge_pixels = near_silhouette(images[..., 3]).reshape(-1)
+        self.edge_share = float(self.edge_pixels.float().mean())
         self.generator = torch.Generator(device=device).manual_seed(run.recipe.settings.seed)
         run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
                 f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
@@ -173,7 +174,9 @@ class Reconstruct:
         composited on its random background [n]."""
         device = self.pixels.device
         s = self.config.render.supersample
-        n = max(1, rays // (s * s))
+        # ``rays`` counts rays, not pixels: as many pixels as give that many rays on average.
+        per_pixel = s * s + (self.edge_supersample ** 2 - s * s) * self.edge_share if self.edge_supersample > s else s * s
+        n = max(1, round(rays / per_pixel))
         index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
         share = self.config.train.error_sampling
         if share > 0:
