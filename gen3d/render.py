@@ -8,8 +8,8 @@ Two code paths, chosen by device:
   the scene box, packed (each ray gets only the samples its chord through the box needs), samples
   in cells our own occupancy grid marks empty are dropped *before* the field is evaluated, and
   weights come from a packed exclusive sum in plain torch (``packed_weights``; nerfacc's packed
-  scans need its CUDA extension, and its batched ones pad every ray to the longest: measured
-  slower). Optionally a cheap density-only pass first finds samples behind opaque surfaces
+  scans need its CUDA extension, and its batched ones pad every ray to the longest: with
+  them the step's rendering took twice as long). Optionally a cheap density-only pass first finds samples behind opaque surfaces
   (transmittance < early_stop) and skips them too.
 - CUDA with nerfacc's extension: nerfacc's ``OccGridEstimator`` marches the occupancy grid in its
   kernel and renders packed samples (``nerfacc.rendering``).
@@ -295,7 +295,8 @@ class VolumeRenderer:
         ray = torch.repeat_interleave(torch.arange(n_rays, device=origins.device), count)
         first = torch.cumsum(count, 0) - count
         k = torch.arange(len(ray), device=origins.device) - first[ray]
-        offset = torch.rand(n_rays, device=origins.device) if stratified else torch.full((n_rays,), 0.5, device=origins.device)
+        # Stratified: one random offset per ray, so a ray's samples stay evenly spaced.
+        offset = torch.rand(n_rays, device=origins.device) if stratified else origins.new_full((n_rays,), 0.5)
         t_mid = near[ray] + (k + offset[ray]) * self.step_size
         points = origins[ray] + t_mid[:, None] * dirs[ray]
         keep = (t_mid < far[ray]) & self.occupancy.query(points)

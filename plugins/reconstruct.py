@@ -92,7 +92,7 @@ class Reconstruct:
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
         self.pixel_error = torch.ones(len(self.pixels), device=device)  # last seen squared error per pixel
-        # Silhouette pixels (partly covered: fractional alpha) get render.edge_supersample rays a side.
+        # Pixels on or beside the silhouette (from the alpha) get render.edge_supersample rays a side.
         self.edge_supersample = config.render.edge_supersample if self.data.has_alpha else 1
         self.edge_pixels = near_silhouette(images[..., 3]).reshape(-1)
         self.edge_share = float(self.edge_pixels.float().mean())
@@ -175,7 +175,9 @@ class Reconstruct:
         device = self.pixels.device
         s = self.config.render.supersample
         # ``rays`` counts rays, not pixels: as many pixels as give that many rays on average.
-        per_pixel = s * s + (self.edge_supersample ** 2 - s * s) * self.edge_share if self.edge_supersample > s else s * s
+        per_pixel = s * s
+        if self.edge_supersample > s:
+            per_pixel += (self.edge_supersample ** 2 - s * s) * self.edge_share
         n = max(1, round(rays / per_pixel))
         index = torch.randint(len(self.pixels), (n,), generator=self.generator, device=device)
         share = self.config.train.error_sampling
@@ -318,8 +320,9 @@ def near_silhouette(opacity: torch.Tensor, change: float = 0.1) -> torch.Tensor:
     """[..., H, W] pixels on or beside the object's silhouette: opacity (an image's alpha, or a
     one-ray rendering's opacity) changes by more than ``change`` within their 3x3 neighbourhood.
     Training marks them from the images' alpha and evaluation from the field's own opacity, so
-    both must use this same rule: pixels trained with one centre ray but rendered with many
-    (or the reverse) lose what training fitted (measured on the toy: -0.2 dB)."""
+    both must use this same rule: pixels trained with one centre ray but rendered with many lose
+    what training fitted (toy: a field trained with 3x3 rays on partly covered pixels only scored
+    0.2 dB less when evaluation refined a wider set than when it refined none)."""
     o = opacity.reshape(-1, 1, *opacity.shape[-2:])
     spread = F.max_pool2d(o, 3, 1, 1) + F.max_pool2d(-o, 3, 1, 1)
     return (spread > change).reshape(opacity.shape)
