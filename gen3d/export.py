@@ -6,7 +6,6 @@ moves whatever an exporter wrote into the run folder only once it is complete.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -21,7 +20,7 @@ from skimage import measure
 
 from .errors import ConfigError, Gen3DError
 from .plugins import get_component
-from .render import ray_aabb
+from .render import packed_steps
 
 # glTF (by its specification), and OBJ as Blender imports it by default, are Y-up; our world is Z-up.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -77,14 +76,9 @@ def level_from_silhouettes(renderer, field, origins: torch.Tensor, dirs: torch.T
 
 def _max_density_along(renderer, field, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """The highest density each ray meets in the box, sampled at half the render step."""
-    near, far = ray_aabb(origins, dirs, renderer.aabb)
-    near = near.clamp_min(0)
-    step = 0.5 * renderer.step_size
-    count = max(1, int(math.ceil(float((far - near).max().clamp_min(0)) / step)) + 1)
-    t = near[:, None] + step * torch.arange(count, device=origins.device, dtype=origins.dtype)
-    points = origins[:, None] + dirs[:, None] * t[..., None]
-    sigma = field.density(points.reshape(-1, 3)).reshape(t.shape)
-    return torch.where(t < far[:, None], sigma, torch.zeros_like(sigma)).amax(dim=1)
+    t, ray = packed_steps(origins, dirs, renderer.aabb, 0.5 * renderer.step_size, origins.new_zeros(len(origins)))
+    sigma = field.density(origins[ray] + dirs[ray] * t[:, None])
+    return sigma.new_zeros(len(origins)).scatter_reduce(0, ray, sigma, "amax")
 
 
 def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:

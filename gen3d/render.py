@@ -8,9 +8,9 @@ Two code paths, chosen by device:
   the scene box, packed (each ray gets only the samples its chord through the box needs), samples
   in cells our own occupancy grid marks empty are dropped *before* the field is evaluated, and
   weights come from a packed exclusive sum in plain torch (``packed_weights``; nerfacc's packed
-  scans need its CUDA extension, and its batched ones pad every ray to the longest: with
-  them the step's rendering took twice as long). Optionally a cheap density-only pass first finds samples behind opaque surfaces
-  (transmittance < early_stop) and skips them too.
+  scans need its CUDA extension, and its batched ones pad every ray to the longest: with them
+  the step's rendering took twice as long). Optionally a cheap density-only pass first finds
+  samples behind opaque surfaces (transmittance < early_stop) and skips them too.
 - CUDA with nerfacc's extension: nerfacc's ``OccGridEstimator`` marches the occupancy grid in its
   kernel and renders packed samples (``nerfacc.rendering``).
 """
@@ -109,6 +109,19 @@ def packed_weights(optical_depth: torch.Tensor, ray: torch.Tensor, n_rays: int) 
     needs its CUDA extension; this is the same in plain torch, for the CPU."""
     transmittance = torch.exp(-packed_exclusive_sum(optical_depth, ray, n_rays))
     return transmittance * (1.0 - torch.exp(-optical_depth))
+
+
+def packed_steps(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor, step: float,
+                 offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances t = near + (k + offset) * step inside the box along each ray, packed: only as
+    many per ray as its chord needs (not the longest ray's), sorted by ray; and each one's ray."""
+    near, far = ray_aabb(origins, dirs, aabb)
+    count = torch.where(far > near, torch.ceil((far - near) / step), 0).long()
+    ray = torch.repeat_interleave(torch.arange(len(origins), device=origins.device), count)
+    k = torch.arange(len(ray), device=origins.device) - (torch.cumsum(count, 0) - count)[ray]
+    t = near[ray] + (k + offset[ray]) * step
+    inside = t < far[ray]
+    return t[inside], ray[inside]
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,16 +303,11 @@ class VolumeRenderer:
         """Fixed-step samples inside the box, packed (only as many per ray as its chord needs),
         kept where our occupancy grid marks the cell occupied: points, distances, ray indices."""
         n_rays = origins.shape[0]
-        near, far = ray_aabb(origins, dirs, self.aabb)
-        count = torch.where(far > near, torch.ceil((far - near) / self.step_size), 0).long()
-        ray = torch.repeat_interleave(torch.arange(n_rays, device=origins.device), count)
-        first = torch.cumsum(count, 0) - count
-        k = torch.arange(len(ray), device=origins.device) - first[ray]
         # Stratified: one random offset per ray, so a ray's samples stay evenly spaced.
         offset = torch.rand(n_rays, device=origins.device) if stratified else origins.new_full((n_rays,), 0.5)
-        t_mid = near[ray] + (k + offset[ray]) * self.step_size
+        t_mid, ray = packed_steps(origins, dirs, self.aabb, self.step_size, offset)
         points = origins[ray] + t_mid[:, None] * dirs[ray]
-        keep = (t_mid < far[ray]) & self.occupancy.query(points)
+        keep = self.occupancy.query(points)
         return points[keep], t_mid[keep], ray[keep]
 
     @torch.no_grad()
