@@ -256,6 +256,7 @@ class RowAdam(torch.optim.Optimizer):
                  eps: float = 1e-8):
         # lr may be a tensor with one learning rate per column.
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self._scratch: dict[int, dict] = {}  # per-parameter buffers of touched_rows, never saved
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -273,7 +274,7 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = state["step"]
-                rows, g = touched_rows(p.grad)
+                rows, g = touched_rows(p.grad, self._scratch.setdefault(id(p), {}))
                 # index_select / index_copy_ rather than tensor[rows] and index_add_: on a CPU
                 # they are 1.5-4x faster for these ~150k x 13 row blocks (rows are unique here).
                 m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
@@ -285,16 +286,31 @@ class RowAdam(torch.optim.Optimizer):
                 p.index_copy_(0, rows, p.index_select(0, rows).add_(step))
 
 
-def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows a gradient touches and their summed gradient, from a dense or row-sparse tensor."""
+def touched_rows(grad: torch.Tensor, scratch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a gradient touches (ascending) and their summed gradient, from a dense or
+    row-sparse tensor. ``scratch`` keeps table-sized buffers between calls."""
     if grad.is_sparse:
         index, values = grad._indices()[0], grad._values()
-        rows, inverse = torch.unique(index, return_inverse=True)
-        # Summing along dim 1 of the transpose is ~2x faster on CPU than along dim 0 (13-wide rows).
-        summed = values.new_zeros(values.shape[1], len(rows)).index_add_(1, inverse, values.t().contiguous())
-        return rows, summed.t()
+        rows, inverse = unique_rows(index, grad.shape[0], {} if scratch is None else scratch)
+        return rows, values.new_zeros(len(rows), values.shape[1]).index_add_(0, inverse, values)
     rows = grad.any(dim=1).nonzero().squeeze(1)
     return rows, grad[rows]
+
+
+def unique_rows(index: torch.Tensor, n_rows: int, scratch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(index, return_inverse=True)`` for indices into a table of n_rows, by marking
+    a table-sized mask instead of sorting: measured on 2 CPU threads, ~240k corner indices into a
+    129^3 table, 15 ms with unique's sort and summing, 10 ms this way."""
+    mark = scratch.get("mark")
+    if mark is None or len(mark) != n_rows or mark.device != index.device:  # the grid grew
+        scratch["mark"] = mark = torch.zeros(n_rows, dtype=torch.bool, device=index.device)
+        scratch["slot"] = torch.empty(n_rows, dtype=torch.long, device=index.device)
+    mark.index_fill_(0, index, True)
+    rows = mark.nonzero().squeeze(1)
+    mark.index_fill_(0, rows, False)  # clean again for the next call
+    slot = scratch["slot"]
+    slot.index_copy_(0, rows, torch.arange(len(rows), device=index.device))
+    return rows, slot.index_select(0, index)
 
 
 def sh_basis(d: torch.Tensor, n: int) -> torch.Tensor:

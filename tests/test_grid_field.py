@@ -1,0 +1,48 @@
+"""The grid field's row-sparse training path: lookup gradients, touched rows, RowAdam."""
+
+import torch
+import torch.nn.functional as F
+
+from gen3d_plugins.grid_field import RowAdam, TrilinearLookup, touched_rows, unique_rows
+
+
+def test_unique_rows_matches_torch_unique_and_cleans_up():
+    scratch: dict = {}
+    for n_rows, n in [(1000, 5000), (1000, 37), (50, 400)]:  # the last one: the table "grew" smaller
+        index = torch.randint(0, n_rows, (n,))
+        rows, inverse = unique_rows(index, n_rows, scratch)
+        want_rows, want_inverse = torch.unique(index, return_inverse=True)
+        assert torch.equal(rows, want_rows) and torch.equal(inverse, want_inverse)
+        assert not scratch["mark"].any()  # nothing left marked for the next call
+
+
+def test_sparse_lookup_gradient_sums_like_the_dense_one():
+    table = torch.randn(64, 5, requires_grad=True)
+    idx, w = torch.randint(0, 64, (300, 8)), torch.rand(300, 8)
+    upstream = torch.randn(300, 5)
+    (TrilinearLookup.apply(table, idx, w) * upstream).sum().backward()
+    dense = table.detach().clone().requires_grad_()
+    (F.embedding_bag(idx, dense, per_sample_weights=w, mode="sum") * upstream).sum().backward()
+    rows, summed = touched_rows(table.grad)
+    assert table.grad.is_sparse and torch.equal(rows, idx.unique())
+    torch.testing.assert_close(summed, dense.grad[rows])
+
+
+def test_row_adam_is_adam_on_touched_rows_and_leaves_the_rest():
+    torch.manual_seed(0)
+    start = torch.randn(20, 3)
+    ours, reference = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    row_adam, adam = RowAdam([ours], lr=0.05), torch.optim.Adam([reference], lr=0.05, betas=(0.9, 0.99), eps=1e-8)
+    touched = torch.arange(12)  # rows 12..19 never get a gradient
+    for _ in range(5):
+        grad = torch.zeros(20, 3)
+        grad[touched] = torch.randn(12, 3)
+        # a row-sparse gradient with repeated rows, as the lookup's backward makes
+        ours.grad = torch.sparse_coo_tensor(torch.cat([touched, touched])[None], torch.cat([grad[touched] / 2] * 2),
+                                            (20, 3))
+        reference.grad = grad
+        row_adam.step()
+        adam.step()
+    torch.testing.assert_close(ours.data[touched], reference.data[touched])
+    assert torch.equal(ours.data[12:], start[12:])
+    assert torch.equal(row_adam.state[ours]["exp_avg"][12:], torch.zeros(8, 3))
