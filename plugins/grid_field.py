@@ -287,8 +287,8 @@ class RowAdam(torch.optim.Optimizer):
 
 
 def touched_rows(grad: torch.Tensor, scratch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows a gradient touches (ascending) and their summed gradient, from a dense or
-    row-sparse tensor. ``scratch`` keeps table-sized buffers between calls."""
+    """The rows a gradient touches and their summed gradient, from a dense or row-sparse tensor.
+    ``scratch`` keeps a table-sized buffer between calls."""
     if grad.is_sparse:
         index, values = grad._indices()[0], grad._values()
         rows, inverse = unique_rows(index, grad.shape[0], {} if scratch is None else scratch)
@@ -298,19 +298,21 @@ def touched_rows(grad: torch.Tensor, scratch: dict | None = None) -> tuple[torch
 
 
 def unique_rows(index: torch.Tensor, n_rows: int, scratch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.unique(index, return_inverse=True)`` for indices into a table of n_rows, by marking
-    a table-sized mask instead of sorting: measured on 2 CPU threads, ~240k corner indices into a
-    129^3 table, 15 ms with unique's sort and summing, 10 ms this way."""
-    mark = scratch.get("mark")
-    if mark is None or len(mark) != n_rows or mark.device != index.device:  # the grid grew
-        scratch["mark"] = mark = torch.zeros(n_rows, dtype=torch.bool, device=index.device)
-        scratch["slot"] = torch.empty(n_rows, dtype=torch.long, device=index.device)
-    mark.index_fill_(0, index, True)
-    rows = mark.nonzero().squeeze(1)
-    mark.index_fill_(0, rows, False)  # clean again for the next call
-    slot = scratch["slot"]
-    slot.index_copy_(0, rows, torch.arange(len(rows), device=index.device))
-    return rows, slot.index_select(0, index)
+    """The distinct values of ``index`` (indices into a table of n_rows), in no particular order,
+    and each entry's position among them: ``torch.unique(index, return_inverse=True)`` without
+    the sort. Every entry writes its own position into a table-sized slot; where duplicates race,
+    one write wins, and the entries that read back their own position are each row's one leader.
+    Measured on 2 CPU threads, ~240k corner indices into a 129^3 table, with summing and the
+    row gather/scatter Adam does: 33 ms with unique's sort, 26 with a sorted mask scan, 19 so."""
+    slot = scratch.get("slot")
+    if slot is None or len(slot) != n_rows or slot.device != index.device:  # the grid grew
+        scratch["slot"] = slot = torch.empty(n_rows, dtype=torch.long, device=index.device)
+    position = torch.arange(len(index), device=index.device)
+    slot.index_copy_(0, index, position)
+    leader_of = slot.index_select(0, index)  # position of the entry that won each row's slot
+    leaders = (leader_of == position).nonzero().squeeze(1)
+    compact = torch.empty_like(position).index_copy_(0, leaders, torch.arange(len(leaders), device=index.device))
+    return index.index_select(0, leaders), compact.index_select(0, leader_of)
 
 
 def sh_basis(d: torch.Tensor, n: int) -> torch.Tensor:
