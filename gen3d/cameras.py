@@ -42,45 +42,96 @@ class Cameras:
         return origins, dirs
 
     def pixel_rays(self, cam: torch.Tensor, pixel: torch.Tensor, supersample: int = 1,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None = None, pixel_filter: PixelFilter | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rays through pixels (``pixel``: row-major index in camera ``cam``'s image), s x s a
-        pixel through its sub-cells' centres, or a random point in each given a generator;
-        pixel-major [len(pixel)*s*s], so ``reshape(-1, s*s, ...)`` groups a pixel's rays."""
-        offsets = subpixel_offsets(len(pixel), supersample, device=pixel.device, generator=generator)
+        pixel at the pixel filter's strata (see ``subpixel_offsets``); pixel-major
+        [len(pixel)*s*s], so ``reshape(-1, s*s, ...)`` groups a pixel's rays."""
+        offsets = subpixel_offsets(len(pixel), supersample, pixel.device, generator, pixel_filter)
         u = (pixel % self.width)[:, None] + offsets[..., 0]
         v = (pixel // self.width)[:, None] + offsets[..., 1]
         return self.rays(cam.repeat_interleave(supersample * supersample), u.reshape(-1), v.reshape(-1))
 
     def mixed_pixel_rays(self, cam: torch.Tensor, pixel: torch.Tensor, fine: torch.Tensor, supersample: int,
-                         fine_supersample: int, generator: torch.Generator | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         fine_supersample: int, generator: torch.Generator | None = None,
+                         pixel_filter: PixelFilter | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``pixel_rays`` with s x s rays a pixel, but f x f on the pixels marked ``fine``; also
         each ray's position in ``pixel`` (for ``render.pixel_means``)."""
         position = torch.arange(len(pixel), device=pixel.device)
         origins, dirs, ray_pixel = [], [], []
         for mask, s in ((~fine, supersample), (fine, fine_supersample)):
-            o, d = self.pixel_rays(cam[mask], pixel[mask], s, generator)
+            o, d = self.pixel_rays(cam[mask], pixel[mask], s, generator, pixel_filter)
             origins.append(o)
             dirs.append(d)
             ray_pixel.append(position[mask].repeat_interleave(s * s))
         return torch.cat(origins), torch.cat(dirs), torch.cat(ray_pixel)
 
-    def image_rays(self, index: int, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_rays(self, index: int, supersample: int = 1,
+                   pixel_filter: PixelFilter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All rays of one camera, row-major pixels, s x s rays a pixel (see ``pixel_rays``)."""
         dev = self.c2w.device
         pixels = torch.arange(self.height * self.width, device=dev)
-        return self.pixel_rays(torch.full_like(pixels, index), pixels, supersample)
+        return self.pixel_rays(torch.full_like(pixels, index), pixels, supersample, pixel_filter=pixel_filter)
 
 
-def subpixel_offsets(pixels: int, s: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[pixels, s*s, 2] positions inside a pixel (0..1): the centres of its s x s sub-cells, or,
-    given a generator, a random point in each sub-cell (stratified: the pixel stays evenly covered)."""
-    cells = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s
-    grid = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), dim=-1).reshape(1, s * s, 2)
+@dataclass(frozen=True)
+class PixelFilter:
+    """How an image's pixel weighs the scene around its centre (separable: w(x) w(y), x and y
+    in pixels). A pixel's value is the filter-weighted mean of the rays through it.
+
+    ``box``, width 1: the pixel's own square, a plain area average (``assets/make_dataset.py``
+    before it matched Blender). ``blackman-harris``: Blender Cycles' default film filter, with
+    ``width`` as Blender's Filter Size (default 1.5 px); Cycles spreads the window over twice
+    that, 3 px. Measured on a Cycles render of a torus knot: its alpha is 50.6 dB from the
+    ground-truth mesh's coverage filtered that way, 37.0 dB from the box-filtered coverage.
+    """
+
+    kind: str = "box"
+    width: float = 1.0
+
+    KINDS = ("box", "blackman-harris")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"pixel filter must be one of {', '.join(self.KINDS)}; got {self.kind!r}")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"pixel filter width is in pixels, above 0 and at most 4; got {self.width}")
+
+    def offsets(self, u: torch.Tensor) -> torch.Tensor:
+        """Inverse of the filter's cumulative distribution: offsets from the pixel centre (pixels)
+        for u in [0, 1]. Evenly spaced u give offsets that each stand for an equal share of the
+        filter's weight, so equal-weight rays there approximate the filtered pixel."""
+        if self.kind == "box":
+            return (u - 0.5) * self.width
+        x, cdf = _blackman_harris_cdf(2 * self.width, u.device)
+        i = torch.searchsorted(cdf, u.clamp(0, 1).contiguous()).clamp(1, len(cdf) - 1)
+        t = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-12)
+        return x[i - 1] + t * (x[i] - x[i - 1])
+
+
+def _blackman_harris_cdf(support: float, device, n: int = 2049) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Blackman-Harris window over [-support/2, support/2], as a tabulated cumulative distribution."""
+    x = torch.linspace(-support / 2, support / 2, n, dtype=torch.float64)
+    phase = 2 * math.pi * (x / support + 0.5)
+    w = 0.35875 - 0.48829 * torch.cos(phase) + 0.14128 * torch.cos(2 * phase) - 0.01168 * torch.cos(3 * phase)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((w[1:] + w[:-1]) / 2, 0)])
+    return x.float().to(device), (cdf / cdf[-1]).float().to(device)
+
+
+def subpixel_offsets(pixels: int, s: int, device=None, generator: torch.Generator | None = None,
+                     pixel_filter: PixelFilter | None = None) -> torch.Tensor:
+    """[pixels, s*s, 2] ray positions in pixel units (0.5, 0.5 is the pixel's centre): per axis,
+    the filter split into s strata of equal weight, a ray at each stratum's middle, or, given a
+    generator, at a random point of it (so the rays stay spread over the filter). The default,
+    a box of width 1, puts them at the centres of the pixel's s x s sub-cells."""
+    pixel_filter = pixel_filter or PixelFilter()
+    strata = (torch.arange(s, device=device, dtype=torch.float32) + 0.5) / s
+    grid = torch.stack(torch.meshgrid(strata, strata, indexing="xy"), dim=-1).reshape(1, s * s, 2)
     if generator is None:
-        return grid.expand(pixels, s * s, 2)
-    jitter = torch.rand(pixels, s * s, 2, generator=generator, device=device) - 0.5
-    return grid + jitter / s
+        u = grid.expand(pixels, s * s, 2)
+    else:
+        u = grid + (torch.rand(pixels, s * s, 2, generator=generator, device=device) - 0.5) / s
+    return 0.5 + pixel_filter.offsets(u)
 
 
 def focal_from_fov(fov_x: float, width: int) -> float:

@@ -21,12 +21,14 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import nerfacc
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
+
+from gen3d.cameras import PixelFilter
 
 
 class RadianceField(Protocol):
@@ -57,8 +59,15 @@ class RenderSettings:
     # on them cost little. Training finds them from the images' alpha, evaluation from the
     # field's own one-ray opacity (see plugins/reconstruct.py). 1: off.
     edge_supersample: int = 1
+    # Where those rays go: the data's pixel filter (``cameras.PixelFilter``). "box" (width 1) is a
+    # plain area average; Blender's Cycles renders with "blackman-harris", width 1.5 (its Filter
+    # Size), which is wider and softer: silhouette rays placed for the wrong filter teach the
+    # field edges in the wrong place.
+    pixel_filter: Literal["box", "blackman-harris"] = "box"
+    pixel_filter_width: float = 1.0
 
     def __post_init__(self) -> None:
+        self.filter  # validates kind and width
         if self.samples_per_diagonal < 8:
             raise ValueError("samples_per_diagonal must be at least 8")
         if self.occupancy_resolution < 4:
@@ -67,6 +76,11 @@ class RenderSettings:
             raise ValueError(f"supersample is rays per pixel side, 1 to 8; got {self.supersample}")
         if not 1 <= self.edge_supersample <= 8:
             raise ValueError(f"edge_supersample is rays per pixel side, 1 to 8; got {self.edge_supersample}")
+
+
+    @property
+    def filter(self) -> PixelFilter:
+        return PixelFilter(self.pixel_filter, self.pixel_filter_width)
 
 
 @dataclass

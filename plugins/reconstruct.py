@@ -190,7 +190,8 @@ class Reconstruct:
         cam, pixel = index // (h * w), index % (h * w)
         jitter = self.generator if self.config.train.pixel_jitter else None
         fine = self.edge_pixels[index] if self.edge_supersample > s else torch.zeros_like(index, dtype=torch.bool)
-        origins, dirs, ray_pixel = self.train_views.mixed_pixel_rays(cam, pixel, fine, s, self.edge_supersample, jitter)
+        origins, dirs, ray_pixel = self.train_views.mixed_pixel_rays(cam, pixel, fine, s, self.edge_supersample, jitter,
+                                                                     self.config.render.filter)
         rgba = self.pixels[index]
         if self.random_background:
             background = torch.rand(n, 3, generator=self.generator, device=device)
@@ -218,14 +219,15 @@ class Reconstruct:
 
     def render_view(self, cameras, index: int) -> np.ndarray:
         h, w, s = cameras.height, cameras.width, self.config.render.supersample
-        origins, dirs = cameras.image_rays(index, s)
+        origins, dirs = cameras.image_rays(index, s, self.config.render.filter)
         out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
         rgb = pixel_means(out.rgb, h * w)
         if self.edge_supersample > s:
             # Second pass: the pixels near the field's own silhouette, with edge_supersample rays.
             opacity = pixel_means(out.opacity[:, None], h * w).reshape(h, w)
             pixels = near_silhouette(opacity).reshape(-1).nonzero().squeeze(1)
-            origins, dirs = cameras.pixel_rays(torch.full_like(pixels, index), pixels, self.edge_supersample)
+            origins, dirs = cameras.pixel_rays(torch.full_like(pixels, index), pixels, self.edge_supersample,
+                                               pixel_filter=self.config.render.filter)
             fine = self.renderer.render_chunked(self.field, origins, dirs, self.background)
             rgb[pixels] = pixel_means(fine.rgb, len(pixels))
         return rgb.reshape(h, w, 3).clamp(0, 1).cpu().numpy()

@@ -25,7 +25,7 @@ def test_shipped_recipe_resolves_with_defaults():
     # Paths in the YAML resolve against the recipe's folder.
     assert recipe.loop.data.config.path == (ROOT / "assets" / "toy").resolve()
     data = recipe.to_dict()
-    assert data["steps"] == 2000 and data["data"]["type"] == "nerf-synthetic"
+    assert data["steps"] == 3000 and data["data"]["type"] == "nerf-synthetic"
 
 
 def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):
@@ -50,6 +50,8 @@ def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):
     (["device=tpu"], "device: expected one of 'auto', 'cpu', 'cuda'"),
     (["export.formats=[glb, usdz]"], None),  # checked when exporting (plugins may add formats)
     (["representation.upsample_at=[10]"], "upsample_at needs 2 steps"),
+    (["render.pixel_filter=gauss"], "render.pixel_filter: expected one of 'box', 'blackman-harris'"),
+    (["render.pixel_filter_width=0"], "pixel filter width is in pixels, above 0"),
     (["loop=nerf-reconstrukt"], "unknown loop 'nerf-reconstrukt'. Did you mean 'nerf-reconstruct'?"),
 ])
 def test_bad_settings_name_file_key_and_expectation(override, message):

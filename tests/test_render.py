@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from gen3d.cameras import Cameras, focal_from_fov, look_at, orbit, subpixel_offsets
+from gen3d.cameras import Cameras, PixelFilter, focal_from_fov, look_at, orbit, subpixel_offsets
 from gen3d.render import (OccupancyGrid, RenderSettings, VolumeRenderer, packed_exclusive_sum, packed_weights,
                           pixel_means, ray_aabb)
 
@@ -118,6 +119,33 @@ def test_camera_conventions_z_up_opengl():
     assert d[1, 2] > 0  # the top row of the image looks upwards (+Z)
     ring = orbit(8, 3.0, 30.0, 0.7, 32)
     assert torch.allclose(ring.c2w[:, :3, 3].norm(dim=-1), torch.full((8,), 3.0), atol=1e-5)
+
+
+def test_blackman_harris_rays_reproduce_the_filtered_coverage_of_an_edge():
+    """Equal-weight rays at the filter's strata, across a straight edge at offset e from the
+    pixel centre, against the filter's own integral (Blender's window, Filter Size 1.5 = 3 px)."""
+    bh = PixelFilter("blackman-harris", 1.5)
+    x = np.linspace(-1.5, 1.5, 30001)
+    phase = 2 * np.pi * (x / 3 + 0.5)
+    window = 0.35875 - 0.48829 * np.cos(phase) + 0.14128 * np.cos(2 * phase) - 0.01168 * np.cos(3 * phase)
+    std = np.sqrt((window * x**2).sum() / window.sum())
+    rays = bh.offsets((torch.arange(64) + 0.5) / 64)  # strata middles along one axis
+    assert abs(float(rays.std()) - std) < 0.01 and abs(std - 0.415) < 0.001  # wider than a box's 0.289
+    assert torch.allclose(rays, -rays.flip(0), atol=1e-4) and rays.abs().max() < 1.5
+    for edge in (-0.6, -0.2, 0.0, 0.3, 0.9):
+        covered = float((rays < edge).float().mean())
+        exact = window[x < edge].sum() / window.sum()
+        assert abs(covered - exact) <= 1 / 64 + 1e-3, (edge, covered, exact)
+    # Two rays a side sit where the filter's weight is a quarter and three quarters.
+    two = subpixel_offsets(1, 2, pixel_filter=bh)[0, :2, 0] - 0.5
+    quarter = x[np.searchsorted(np.cumsum(window) / window.sum(), 0.25)]
+    assert torch.allclose(two, torch.tensor([quarter, -quarter], dtype=torch.float32), atol=2e-3)
+    # Jittered rays stay in their strata and spread over the filter.
+    jittered = subpixel_offsets(4000, 2, generator=torch.Generator().manual_seed(0), pixel_filter=bh) - 0.5
+    assert (jittered[:, 0, 0] < 0).all() and (jittered[:, 1, 0] > 0).all()
+    assert abs(float(jittered.std()) - std) < 0.02
+    with pytest.raises(ValueError, match="pixel filter must be one of box, blackman-harris"):
+        PixelFilter("gauss")
 
 
 def test_supersampled_pixels_cover_the_pixel_evenly():
