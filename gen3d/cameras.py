@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,6 +110,7 @@ class PixelFilter:
         return x[i - 1] + t * (x[i] - x[i - 1])
 
 
+@functools.lru_cache(maxsize=8)  # one table per (support, device): every training step asks
 def _blackman_harris_cdf(support: float, device, n: int = 2049) -> tuple[torch.Tensor, torch.Tensor]:
     """The Blackman-Harris window over [-support/2, support/2], as a tabulated cumulative distribution."""
     x = torch.linspace(-support / 2, support / 2, n, dtype=torch.float64)

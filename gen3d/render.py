@@ -67,7 +67,7 @@ class RenderSettings:
     pixel_filter_width: float = 1.0
 
     def __post_init__(self) -> None:
-        self.filter  # validates kind and width
+        PixelFilter(self.pixel_filter, self.pixel_filter_width)  # raises on a bad kind or width
         if self.samples_per_diagonal < 8:
             raise ValueError("samples_per_diagonal must be at least 8")
         if self.occupancy_resolution < 4:
@@ -76,7 +76,6 @@ class RenderSettings:
             raise ValueError(f"supersample is rays per pixel side, 1 to 8; got {self.supersample}")
         if not 1 <= self.edge_supersample <= 8:
             raise ValueError(f"edge_supersample is rays per pixel side, 1 to 8; got {self.edge_supersample}")
-
 
     @property
     def filter(self) -> PixelFilter:
