@@ -38,7 +38,7 @@ def test_row_adam_is_adam_on_touched_rows_and_leaves_the_rest():
         grad[touched] = torch.randn(12, 3)
         # a row-sparse gradient with repeated rows, as the lookup's backward makes
         ours.grad = torch.sparse_coo_tensor(torch.cat([touched, touched])[None], torch.cat([grad[touched] / 2] * 2),
-                                            (20, 3))
+                                            (20, 3), check_invariants=True)
         reference.grad = grad
         row_adam.step()
         adam.step()
