@@ -35,6 +35,8 @@ import trimesh
 from PIL import Image
 from skimage import measure
 
+from gen3d.cameras import blackman_harris
+
 HALF = 1.1  # half-size of the scene box; the objects fit in [-1, 1]^3
 DISTANCE = 4.0  # camera distance from the origin
 ELEVATION = (-20.0, 75.0)  # camera elevation range, degrees
@@ -209,10 +211,7 @@ def filter_matrix(size: int, s: int, pad: int, kind: str) -> Tensor:
     if kind == "box":
         w = (x.abs() < 0.5).double()
     else:  # Cycles' Blackman-Harris at Filter Size 1.5: the window spans 2 x 1.5 px
-        support = 2 * FILTER_SIZE
-        phase = 2 * math.pi * (x / support + 0.5)
-        bh = 0.35875 - 0.48829 * torch.cos(phase) + 0.14128 * torch.cos(2 * phase) - 0.01168 * torch.cos(3 * phase)
-        w = torch.where(x.abs() < support / 2, bh, torch.zeros_like(bh))
+        w = blackman_harris(x, 2 * FILTER_SIZE)
     return (w / w.sum(1, keepdim=True)).float()
 
 

@@ -110,12 +110,18 @@ class PixelFilter:
         return x[i - 1] + t * (x[i] - x[i - 1])
 
 
+def blackman_harris(x: torch.Tensor, support: float) -> torch.Tensor:
+    """The (unnormalised) Blackman-Harris window spanning [-support/2, support/2], zero outside."""
+    phase = 2 * math.pi * (x / support + 0.5)
+    w = 0.35875 - 0.48829 * torch.cos(phase) + 0.14128 * torch.cos(2 * phase) - 0.01168 * torch.cos(3 * phase)
+    return torch.where(x.abs() <= support / 2, w, torch.zeros_like(w))
+
+
 @functools.lru_cache(maxsize=8)  # one table per (support, device): every training step asks
 def _blackman_harris_cdf(support: float, device, n: int = 2049) -> tuple[torch.Tensor, torch.Tensor]:
     """The Blackman-Harris window over [-support/2, support/2], as a tabulated cumulative distribution."""
     x = torch.linspace(-support / 2, support / 2, n, dtype=torch.float64)
-    phase = 2 * math.pi * (x / support + 0.5)
-    w = 0.35875 - 0.48829 * torch.cos(phase) + 0.14128 * torch.cos(2 * phase) - 0.01168 * torch.cos(3 * phase)
+    w = blackman_harris(x, support)
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((w[1:] + w[:-1]) / 2, 0)])
     return x.float().to(device), (cdf / cdf[-1]).float().to(device)
 
