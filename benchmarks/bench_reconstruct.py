@@ -5,7 +5,7 @@
     python benchmarks/bench_reconstruct.py -- steps=300            # any recipe override after --
     python benchmarks/bench_reconstruct.py --keep runs/bench        # keep the run folders (mesh, previews)
 
-Reports train seconds, steps/s, field evaluations per ray, peak RSS, PSNR on the held-out
+Reports train seconds, steps/s, field evaluations per ray, peak RSS (and peak VRAM on CUDA), PSNR on the held-out
 views at 15 s, 30 s, 60 s of training and at the end (evaluation time excluded), Chamfer
 distance of the exported mesh to the data set's ground truth (in units of its bounding radius),
 and export seconds. With --repeat N it reports the median of N runs (and every run).
@@ -43,7 +43,17 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
         "chamfer": m.get("chamfer"), "export_seconds": m["export_seconds"], "mesh_faces": m["mesh_faces"],
         "renderer": m["renderer"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **peak_vram(),
     }
+
+
+def peak_vram() -> dict:
+    """Peak GPU memory torch allocated in this process (CUDA runs only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def main() -> None:

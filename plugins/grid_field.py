@@ -16,6 +16,7 @@ trilinear upsampling at the configured steps.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,11 @@ from torch import nn
 
 from gen3d import hookimpl
 from gen3d.specs import Component
+
+# torch 2.11 warns (once) about sparse tensors built with check_invariants=False ("implicitly
+# disabled", seen on the GPU machine); ours is valid by construction and checking it would cost
+# a pass over ~240k indices a step. torch 2.13 no longer warns.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 SH_C0 = 0.28209479177387814
 SH_C1 = 0.4886025119029199
