@@ -220,7 +220,8 @@ class Reconstruct:
     def render_view(self, cameras, index: int) -> np.ndarray:
         h, w, s = cameras.height, cameras.width, self.config.render.supersample
         origins, dirs = cameras.image_rays(index, s, self.config.render.filter)
-        out = self.renderer.render_chunked(self.field, origins, dirs, self.background)
+        offsets = self.config.render.eval_offsets
+        out = self.renderer.render_chunked(self.field, origins, dirs, self.background, offsets=offsets)
         rgb = pixel_means(out.rgb, h * w)
         if self.edge_supersample > s:
             # Second pass: the pixels near the field's own silhouette, with edge_supersample rays.
@@ -228,7 +229,7 @@ class Reconstruct:
             pixels = near_silhouette(opacity).reshape(-1).nonzero().squeeze(1)
             origins, dirs = cameras.pixel_rays(torch.full_like(pixels, index), pixels, self.edge_supersample,
                                                pixel_filter=self.config.render.filter)
-            fine = self.renderer.render_chunked(self.field, origins, dirs, self.background)
+            fine = self.renderer.render_chunked(self.field, origins, dirs, self.background, offsets=offsets)
             rgb[pixels] = pixel_means(fine.rgb, len(pixels))
         return rgb.reshape(h, w, 3).clamp(0, 1).cpu().numpy()
 
