@@ -46,10 +46,17 @@ class TrainSettings:
     # step (by step count, so resumed runs match straight ones): Adam at a fixed rate keeps every
     # voxel jittering around its optimum, which shows as grain in held-out views.
     lr_decay: float = 1.0
+    # Weight of the binary entropy of each training ray's opacity (images with alpha only): a
+    # ray meets an opaque object or misses it, so haze that lets each view draw the silhouette
+    # its own way costs, while a silhouette pixel keeps its partial coverage from several rays
+    # that each hit or miss. Torus knot +0.4 dB at the end, +0.6 at 60 s (see README).
+    opacity_entropy: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay is the final fraction of the learning rate, in (0, 1]; got {self.lr_decay}")
+        if self.opacity_entropy < 0:
+            raise ValueError(f"opacity_entropy is a loss weight, 0 or more; got {self.opacity_entropy}")
         if not 0 <= self.error_sampling <= 1:
             raise ValueError(f"error_sampling is a share of the rays, between 0 and 1; got {self.error_sampling}")
         if self.rays_per_step < 1:
@@ -91,6 +98,7 @@ class Reconstruct:
         self.new_optimizer()
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
+        self.opacity_entropy = config.train.opacity_entropy if self.data.has_alpha else 0.0
         self.pixel_error = torch.ones(len(self.pixels), device=device)  # last seen squared error per pixel
         # Pixels on or beside the silhouette (from the alpha) get render.edge_supersample rays a side.
         self.edge_supersample = config.render.edge_supersample if self.data.has_alpha else 1
@@ -119,6 +127,8 @@ class Reconstruct:
             if self.config.train.error_sampling > 0:
                 self.pixel_error[index] = squared.detach().mean(dim=1) + 1e-5  # a floor keeps every pixel in play
             loss = mse
+            if self.opacity_entropy > 0:
+                loss = loss + self.opacity_entropy * binary_entropy(out.opacity).mean()
             extra = fields.regularizer(self.field, step)
             if extra is not None:
                 loss = loss + extra
@@ -317,6 +327,12 @@ class Reconstruct:
         cameras = orbit(frames, radius, self.config.preview.elevation, fov, max(views.width, 64), center)
         cameras = cameras.to(self.run.device)
         write_gif(self.run.path("turntable.gif"), [self.render_view(cameras, i) for i in range(frames)])
+
+
+def binary_entropy(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """-p log p - (1 - p) log(1 - p), elementwise: 0 at 0 and 1, log 2 at 0.5."""
+    p = p.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
 def near_silhouette(opacity: torch.Tensor, change: float = 0.1) -> torch.Tensor:

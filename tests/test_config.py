@@ -52,6 +52,7 @@ def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):
     (["representation.upsample_at=[10]"], "upsample_at needs 2 steps"),
     (["render.pixel_filter=gauss"], "render.pixel_filter: expected one of 'box', 'blackman-harris'"),
     (["render.pixel_filter_width=0"], "pixel filter width is in pixels, above 0"),
+    (["train.opacity_entropy=-1"], "opacity_entropy is a loss weight, 0 or more; got -1"),
     (["render.eval_offsets=0"], "eval_offsets is renderings averaged, 1 to 16; got 0"),
     (["loop=nerf-reconstrukt"], "unknown loop 'nerf-reconstrukt'. Did you mean 'nerf-reconstruct'?"),
 ])

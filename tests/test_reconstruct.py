@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,31 @@ def test_learning_rates_fall_with_the_step_count(small_dataset, tmp_path):
     assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.01 ** 0.6)
     with pytest.raises(Exception, match="lr_decay"):
         small_recipe(small_dataset, "train.lr_decay=0")
+
+
+def test_opacity_entropy_makes_rays_hit_or_miss(small_dataset, tmp_path):
+    from gen3d.plugins import get_component
+    from gen3d.trainer import Run
+    from gen3d_plugins.reconstruct import binary_entropy
+
+    assert binary_entropy(torch.tensor([0.0, 1.0])).max() < 1e-3
+    assert abs(float(binary_entropy(torch.tensor(0.5))) - math.log(2)) < 1e-6
+
+    def haze_after_training(weight: float, folder: Path) -> float:
+        rec = small_recipe(small_dataset, f"train.opacity_entropy={weight}", "steps=40", "seed=3")
+        run = Run(out_dir=folder, recipe=rec, device=torch.device("cpu"), quiet=True)
+        loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+        for step in range(40):
+            loop.step(step)
+        origins, dirs, _, background, *_ = loop.sample_rays(4096)
+        with torch.no_grad():
+            opacity = loop.renderer.render(loop.field, origins, dirs, background).opacity
+        return float(binary_entropy(opacity).mean())
+
+    plain, pushed = haze_after_training(0.0, tmp_path / "a"), haze_after_training(0.05, tmp_path / "b")
+    assert pushed < 0.8 * plain
+    with pytest.raises(Exception, match="opacity_entropy"):
+        small_recipe(small_dataset, "train.opacity_entropy=-1")
 
 
 @pytest.mark.slow
