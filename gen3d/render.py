@@ -112,6 +112,13 @@ def pixel_means(values: torch.Tensor, pixels: int, ray_pixel: torch.Tensor | Non
     return sums / counts[:, None].to(values.dtype)
 
 
+def binary_entropy(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """-p log p - (1 - p) log(1 - p), elementwise (0 at 0 and 1, log 2 at 0.5): the loops'
+    penalty on ray opacities that are neither a hit nor a miss."""
+    p = p.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
 def packed_exclusive_sum(values: torch.Tensor, ray: torch.Tensor, n_rays: int) -> torch.Tensor:
     """For samples grouped by ray (``ray`` sorted), the sum of the earlier samples' values on the
     same ray: one global cumulative sum minus its value where the ray's run starts. In float64,

@@ -20,7 +20,7 @@ from gen3d.config import Choice, choice
 from gen3d.errors import Gen3DError
 from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
 from gen3d.io import atomic_path, to_uint8, write_gif
-from gen3d.render import RenderSettings, VolumeRenderer, pixel_means
+from gen3d.render import RenderSettings, VolumeRenderer, binary_entropy, pixel_means
 from gen3d.specs import Component
 
 
@@ -327,12 +327,6 @@ class Reconstruct:
         cameras = orbit(frames, radius, self.config.preview.elevation, fov, max(views.width, 64), center)
         cameras = cameras.to(self.run.device)
         write_gif(self.run.path("turntable.gif"), [self.render_view(cameras, i) for i in range(frames)])
-
-
-def binary_entropy(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """-p log p - (1 - p) log(1 - p), elementwise: 0 at 0 and 1, log 2 at 0.5."""
-    p = p.clamp(eps, 1 - eps)
-    return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
 def near_silhouette(opacity: torch.Tensor, change: float = 0.1) -> torch.Tensor:

@@ -30,7 +30,7 @@ from gen3d.errors import ConfigError, Gen3DError
 from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
 from gen3d.io import write_gif
 from gen3d.prompts import ViewPrompts, view_prompts
-from gen3d.render import RenderSettings, VolumeRenderer, cell_max_density
+from gen3d.render import RenderSettings, VolumeRenderer, binary_entropy, cell_max_density
 from gen3d.specs import Component
 
 
@@ -225,8 +225,7 @@ class TextTo3D:
         if reg.opacity > 0:
             loss = loss + reg.opacity * torch.sqrt(opacity ** 2 + 0.01).mean()
         if reg.entropy > 0:
-            entropy = -(opacity * torch.log(opacity) + (1 - opacity) * torch.log(1 - opacity))
-            loss = loss + reg.entropy * entropy.mean()
+            loss = loss + reg.entropy * binary_entropy(out.opacity).mean()
         if reg.orientation > 0 and normals is not None and out.weights is not None:
             facing = (normals * dirs[out.ray_index]).sum(-1).clamp_min(0) ** 2
             loss = loss + reg.orientation * (out.weights.detach() * facing).sum() / len(dirs)

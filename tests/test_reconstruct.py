@@ -147,7 +147,7 @@ def test_learning_rates_fall_with_the_step_count(small_dataset, tmp_path):
 def test_opacity_entropy_makes_rays_hit_or_miss(small_dataset, tmp_path):
     from gen3d.plugins import get_component
     from gen3d.trainer import Run
-    from gen3d_plugins.reconstruct import binary_entropy
+    from gen3d.render import binary_entropy
 
     assert binary_entropy(torch.tensor([0.0, 1.0])).max() < 1e-3
     assert abs(float(binary_entropy(torch.tensor(0.5))) - math.log(2)) < 1e-6
