@@ -59,7 +59,6 @@ def test_exported_mesh_is_where_the_object_is(finished_run, small_dataset):
     assert np.allclose(z_up.max(0), truth.bounds[1], atol=0.1)
 
 
-
 @pytest.mark.slow
 def test_silhouette_fit_reports_both_splits(finished_run):
     out, _ = finished_run
@@ -72,6 +71,7 @@ def test_silhouette_fit_reports_both_splits(finished_run):
         assert 0 < fit["rms_partial"] < 0.5
         assert fit["alpha_psnr"] > 15, fit  # 200 steps: the silhouette is roughly right
         assert 0 < fit["squared_error_share_partial"] <= 1
+
 
 @pytest.mark.slow
 def test_reconstructed_glb_validates(finished_run, gltf_validator):
