@@ -23,29 +23,31 @@ import numpy as np
 import torch
 
 
-def opacity_errors(loop, views, count: int, rays: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, H, W] rendered opacity minus alpha, and the alpha, for the first ``count`` views."""
+def opacities(loop, views, count: int, rays: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, H, W] rendered opacity and the images' alpha, for the first ``count`` views."""
     from gen3d.render import pixel_means
 
     cameras = views.cameras.to(loop.run.device)
     h, w = cameras.height, cameras.width
-    errors, alphas = [], []
+    rendered, alphas = [], []
     for i in range(min(count, len(views.names))):
         origins, dirs = cameras.image_rays(i, rays, loop.config.render.filter)
         out = loop.renderer.render_chunked(loop.field, origins, dirs, loop.background,
                                            offsets=loop.config.render.eval_offsets)
         opacity = pixel_means(out.opacity[:, None], h * w).reshape(h, w).cpu().numpy()
-        alpha = views.images[i, ..., 3].numpy()
-        errors.append(opacity - alpha)
-        alphas.append(alpha)
-    return np.stack(errors), np.stack(alphas)
+        rendered.append(opacity)
+        alphas.append(views.images[i, ..., 3].numpy())
+    return np.stack(rendered), np.stack(alphas)
 
 
-def summary(errors: np.ndarray, alphas: np.ndarray) -> dict:
+def summary(opacity: np.ndarray, alphas: np.ndarray) -> dict:
+    from gen3d_plugins.reconstruct import psnr
+
     partial = (alphas > 0.01) & (alphas < 0.99)
+    errors = opacity - alphas
     squared = errors ** 2
     return {
-        "alpha_psnr": round(float(-10 * np.log10(max(squared.mean(), 1e-12))), 2),
+        "alpha_psnr": round(psnr(opacity, alphas), 2),
         "partial_pixel_share": round(float(partial.mean()), 4),
         "rms_partial": round(float(np.sqrt(squared[partial].mean())), 4),
         "mean_error_partial": round(float(errors[partial].mean()), 4),  # > 0: silhouettes too wide
@@ -64,18 +66,18 @@ def main() -> None:
     from gen3d.io import load_checkpoint
     from gen3d.plugins import get_component
     from gen3d.recipe import load_recipe
-    from gen3d.trainer import Run
+    from gen3d.trainer import CHECKPOINT, Run
 
     recipe = load_recipe(args.run_dir / "recipe.yaml", [])
     with tempfile.TemporaryDirectory() as scratch:
         run = Run(Path(scratch), recipe, torch.device("cpu"), quiet=True)
         loop = get_component("loop", recipe.settings.loop).factory(recipe.loop, run=run)
-        loop.load_state_dict(load_checkpoint(args.run_dir / "checkpoints" / "last.safetensors")["loop"])
+        loop.load_state_dict(load_checkpoint(args.run_dir / CHECKPOINT)["loop"])
         if not loop.data.has_alpha:
             raise SystemExit(f"{loop.data.root}: images have no alpha, so there are no silhouettes to compare")
         report = {"run": str(args.run_dir), "rays_per_pixel": args.rays ** 2}
         for split in ("train", "test"):
-            report[split] = summary(*opacity_errors(loop, getattr(loop.data, split), args.views, args.rays))
+            report[split] = summary(*opacities(loop, getattr(loop.data, split), args.views, args.rays))
     print(json.dumps(report, indent=2))
 
 
