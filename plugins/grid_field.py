@@ -62,6 +62,8 @@ class GridNeRFConfig:
             raise ValueError(f"sh_degree must be 0 or 1, got {self.sh_degree}")
         if not 0 < self.init_alpha < 1:
             raise ValueError(f"init_alpha must be between 0 and 1, got {self.init_alpha}")
+        if not (0 <= self.betas[0] < 1 and 0 < self.betas[1] < 1):
+            raise ValueError(f"betas are Adam's (beta1, beta2): 0 <= beta1 < 1 and 0 < beta2 < 1; got {list(self.betas)}")
         if self.blob_density < 0 or self.blob_radius <= 0:
             raise ValueError("blob_density must be >= 0 and blob_radius > 0")
 
@@ -256,6 +258,11 @@ class RowAdam(torch.optim.Optimizer):
     "Lazy" Adam as in torch's SparseAdam (rows no ray reached keep their moments and values), but
     from a dense gradient: finding the touched rows by a scan is cheaper on a CPU than coalescing
     a sparse gradient. Bias correction uses the global step count.
+
+    ``betas[0] = 0`` keeps no first moment (RMSprop with Adam's bias correction): one table-sized
+    state and a third of the row gathers and scatters fewer. With lazy updates a row's momentum
+    is also stale by the time a ray next touches it. The reconstruction recipe runs so: 5-10 %
+    more steps in its 120 s and the same or better end PSNR (README, Benchmarks).
     """
 
     def __init__(self, params, lr: float | torch.Tensor, betas: tuple[float, float] = (0.9, 0.99),
@@ -276,16 +283,20 @@ class RowAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
+                    if beta1 > 0:
+                        state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = state["step"]
                 rows, g = touched_rows(p.grad, self._scratch.setdefault(id(p), {}))
                 # index_select / index_copy_ rather than tensor[rows] and index_add_: on a CPU
                 # they are 1.5-4x faster for these ~150k x 13 row blocks (rows are unique here).
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+                if beta1 > 0:
+                    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+                    state["exp_avg"].index_copy_(0, rows, m)
+                else:  # no first moment: a third less row traffic (see the class docstring)
+                    m = g
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)
                 denom = v.mul_(1 / (1 - beta2 ** t)).sqrt_().add_(eps)
                 step = m.div_(denom).mul_(lr * (-1 / (1 - beta1 ** t)))

@@ -1,5 +1,6 @@
 """The grid field's row-sparse training path: lookup gradients, touched rows, RowAdam."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,11 +28,12 @@ def test_sparse_lookup_gradient_sums_like_the_dense_one():
     torch.testing.assert_close(summed, dense.grad[rows])
 
 
-def test_row_adam_is_adam_on_touched_rows_and_leaves_the_rest():
+@pytest.mark.parametrize("betas", [(0.9, 0.99), (0.0, 0.99)])  # beta1 0: no first moment is kept
+def test_row_adam_is_adam_on_touched_rows_and_leaves_the_rest(betas):
     torch.manual_seed(0)
     start = torch.randn(20, 3)
     ours, reference = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    row_adam, adam = RowAdam([ours], lr=0.05), torch.optim.Adam([reference], lr=0.05, betas=(0.9, 0.99), eps=1e-8)
+    row_adam, adam = RowAdam([ours], lr=0.05, betas=betas), torch.optim.Adam([reference], lr=0.05, betas=betas, eps=1e-8)
     touched = torch.arange(12)  # rows 12..19 never get a gradient
     for _ in range(5):
         grad = torch.zeros(20, 3)
@@ -44,4 +46,5 @@ def test_row_adam_is_adam_on_touched_rows_and_leaves_the_rest():
         adam.step()
     torch.testing.assert_close(ours.data[touched], reference.data[touched])
     assert torch.equal(ours.data[12:], start[12:])
-    assert torch.equal(row_adam.state[ours]["exp_avg"][12:], torch.zeros(8, 3))
+    assert torch.equal(row_adam.state[ours]["exp_avg_sq"][12:], torch.zeros(8, 3))
+    assert ("exp_avg" in row_adam.state[ours]) == (betas[0] > 0)
