@@ -260,7 +260,7 @@ class RowAdam(torch.optim.Optimizer):
     a sparse gradient. Bias correction uses the global step count.
 
     ``betas[0] = 0`` keeps no first moment (RMSprop with Adam's bias correction): one table-sized
-    state and a third of the row gathers and scatters fewer. With lazy updates a row's momentum
+    state less and a third fewer row gathers and scatters. With lazy updates a row's momentum
     is also stale by the time a ray next touches it. The reconstruction recipe runs so: 5-10 %
     more steps in its 120 s and the same or better end PSNR (README, Benchmarks).
     """
