@@ -50,7 +50,7 @@ def make_real_architecture(folder: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from gen3d.tiny_models import write_clip_tokenizer
+    from gen3d.testing import write_clip_tokenizer
 
     tokenizer = write_clip_tokenizer(folder / "tokenizer")
     n = len(tokenizer)
@@ -136,7 +136,7 @@ def main() -> None:
 
     import torch
 
-    from gen3d.tiny_models import make_tiny_clip, make_tiny_stable_diffusion
+    from gen3d.testing import make_tiny_clip, make_tiny_stable_diffusion
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,8 +1,20 @@
-"""What a guidance component offers a text-guided loop (kind ``guidance``).
+"""What a guidance component receives and returns (kind ``guidance``).
 
-A guidance scores rendered views against prompts and returns a loss whose gradient pushes the
-renderings towards what its model expects: score distillation (a diffusion model) or CLIP
-similarity. Loops stay model-agnostic: they render, call the guidance, and back-propagate.
+A guidance scores rendered views and returns a loss whose gradient pushes the renderings towards
+what its model expects: score distillation from a text-conditioned diffusion model, CLIP
+similarity, a view-conditioned model (Zero-1-to-3) that also needs each view's camera and a
+reference image, or a teacher field that knows the answer. Loops stay model-agnostic: they
+render, fill a :class:`GuidanceInput`, call the guidance, and back-propagate its loss.
+
+Camera convention of :class:`ViewAngles` (gen3d's world is right-handed and Z up):
+
+- ``elevation``: degrees above the horizontal plane through the look-at point (90 = from above);
+- ``azimuth``: degrees counter-clockwise seen from above, 0 = the camera on the +x axis looking
+  along -x at the object's front; in [-180, 180);
+- ``distance``: from the camera to the look-at point, in world units.
+
+A model with another convention converts from these (e.g. Zero-1-to-3's polar angle is
+``90 - elevation``).
 """
 
 from __future__ import annotations
@@ -12,6 +24,69 @@ from typing import Protocol
 
 import torch
 
+from .cameras import Cameras
+
+
+@dataclass
+class ViewAngles:
+    """Spherical coordinates of cameras around their look-at point, one entry per view [N]."""
+
+    elevation: torch.Tensor  # degrees above the horizon
+    azimuth: torch.Tensor  # degrees, 0 = +x, counter-clockwise from above, in [-180, 180)
+    distance: torch.Tensor  # world units
+
+    @staticmethod
+    def of(cameras: Cameras, center: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> "ViewAngles":
+        """The angles of cameras (camera-to-world poses) around ``center``."""
+        offset = cameras.c2w[:, :3, 3].float().cpu() - torch.tensor(center, dtype=torch.float32)
+        distance = offset.norm(dim=-1)
+        elevation = torch.rad2deg(torch.asin((offset[:, 2] / distance.clamp_min(1e-9)).clamp(-1, 1)))
+        azimuth = torch.rad2deg(torch.atan2(offset[:, 1], offset[:, 0]))
+        return ViewAngles(elevation, (azimuth + 180) % 360 - 180, distance)
+
+
+@dataclass
+class ReferenceView:
+    """A conditioning image and where it was seen from (image-to-3D)."""
+
+    image: torch.Tensor  # [3, H, W] (or [4, H, W] with alpha) in 0..1, sRGB
+    camera: Cameras  # one camera
+    angles: ViewAngles  # of that camera
+
+
+@dataclass
+class GuidanceInput:
+    """One batch of rendered views for a guidance to score.
+
+    ``images``: [B, 3, H, W] renderings in 0..1 (sRGB, what a model sees in photos), or
+    [B, 4, h, w] latents where the guidance accepts them. ``prompts``: one per view, view
+    suffixes already added. ``cameras``: the B cameras the views were rendered from (camera-to-
+    world, intrinsics: the field of view is ``2 atan(width / (2 fx))``). ``angles``: the same
+    cameras as elevation / azimuth / distance (module docstring). ``reference``: the conditioning
+    image of image-to-3D, else None. ``step`` / ``total_steps``: for schedules (timestep ranges).
+    ``generator``: a CPU generator for every random draw (timesteps, noise, crops), so the
+    guidance's randomness is part of the run's reproducible, checkpointed state.
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    cameras: Cameras
+    angles: ViewAngles
+    step: int = 0
+    total_steps: int = 1
+    reference: ReferenceView | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        batch = self.images.shape[0]
+        if len(self.prompts) != batch or len(self.cameras) != batch or len(self.angles.azimuth) != batch:
+            raise ValueError(f"GuidanceInput: {batch} images but {len(self.prompts)} prompts, "
+                             f"{len(self.cameras)} cameras, {len(self.angles.azimuth)} angles")
+
+    def fov_x(self) -> torch.Tensor:
+        """Horizontal field of view of each camera, radians [B]."""
+        return 2 * torch.atan(0.5 * self.cameras.width / self.cameras.fx)
+
 
 @dataclass
 class GuidanceOutput:
@@ -20,9 +95,6 @@ class GuidanceOutput:
 
 
 class Guidance(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: list[str], step: int, total_steps: int,
-                 generator: torch.Generator | None = None) -> GuidanceOutput:
-        """``images`` [B,3,H,W] in 0..1 (or [B,4,h,w] latents where the guidance accepts them),
-        one prompt per image (view suffixes already added); ``generator`` (a CPU one) makes the
-        guidance's random draws (timesteps, noise, crops) part of the run's reproducible state."""
-        ...
+    """A guidance is a callable: ``guidance(batch) -> GuidanceOutput``."""
+
+    def __call__(self, batch: GuidanceInput) -> GuidanceOutput: ...

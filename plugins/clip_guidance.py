@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gen3d import hookimpl
 from gen3d.errors import ConfigError
-from gen3d.guidance import GuidanceOutput
+from gen3d.guidance import GuidanceInput, GuidanceOutput
 from gen3d.hub import load_pretrained, pick_dtype, resolve
 from gen3d.prompts import EmbeddingCache
 from gen3d.specs import Component
@@ -98,8 +98,8 @@ class ClipGuidance:
                                            align_corners=False, antialias=side > self.input_size))
         return torch.cat(crops)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], step: int, total_steps: int,
-                 generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, batch: GuidanceInput) -> GuidanceOutput:
+        images, prompts, generator = batch.images, batch.prompts, batch.generator
         if images.shape[1] != 3:
             raise ConfigError(f"clip guidance needs RGB renderings, got {images.shape[1]} channels")
         image_features = self.encode_images(self.augment(images, generator))

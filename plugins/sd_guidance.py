@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gen3d import hookimpl
 from gen3d.errors import ConfigError
-from gen3d.guidance import GuidanceOutput
+from gen3d.guidance import GuidanceInput, GuidanceOutput
 from gen3d.hub import load_pretrained, pick_dtype, resolve
 from gen3d.prompts import EmbeddingCache
 from gen3d.specs import Component
@@ -214,8 +214,9 @@ class StableDiffusionGuidance:
                 grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
         return grad
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], step: int, total_steps: int,
-                 generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, batch: GuidanceInput) -> GuidanceOutput:
+        images, prompts, generator = batch.images, batch.prompts, batch.generator
+        step, total_steps = batch.step, batch.total_steps
         if images.shape[1] == 4:  # the representation renders latents: use them as they are
             latents = F.interpolate(images, size=(self.latent_size,) * 2, mode="bilinear", align_corners=False)
         else:

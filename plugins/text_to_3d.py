@@ -30,6 +30,7 @@ from gen3d.errors import ConfigError, Gen3DError
 from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
 from gen3d.io import write_gif
 from gen3d.prompts import ViewPrompts, view_prompts
+from gen3d.guidance import GuidanceInput, ViewAngles
 from gen3d.render import RenderSettings, VolumeRenderer, binary_entropy, cell_max_density
 from gen3d.specs import Component
 
@@ -165,7 +166,9 @@ class TextTo3D:
         out = self.renderer.render(self.field, origins, dirs, background, stratified=True, shader=shader)
         images = out.rgb.view(len(views.cameras), size, size, 3).permute(0, 3, 1, 2)
         prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
-        guided = self.guidance(images, prompts, step, self.total_steps, generator=self.generator)
+        guided = self.guidance(GuidanceInput(images, prompts, views.cameras, ViewAngles(views.elevation, views.azimuth,
+                                                                                         views.distance),
+                                             step, self.total_steps, generator=self.generator))
         loss = guided.loss + self.regularisers(out, dirs, shader.normals)
         own = fields.regularizer(self.field, step)
         if own is not None:  # the representation's own (e.g. total variation)

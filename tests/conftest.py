@@ -77,7 +77,7 @@ def register():
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion folder (diffusers layout), loaded like any hub checkpoint."""
-    from gen3d.tiny_models import make_tiny_stable_diffusion
+    from gen3d.testing import make_tiny_stable_diffusion
 
     return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
 
@@ -85,6 +85,6 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A tiny random CLIP folder (transformers layout: model, tokenizer, image processor)."""
-    from gen3d.tiny_models import make_tiny_clip
+    from gen3d.testing import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

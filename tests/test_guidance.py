@@ -13,7 +13,7 @@ from gen3d.cameras import random_views
 from gen3d.errors import ConfigError
 from gen3d.plugins import get_component
 from gen3d.prompts import EmbeddingCache, ViewPrompts, view_name, view_prompts
-from gen3d.tiny_models import make_tiny_stable_diffusion
+from gen3d.testing import guidance_batch, make_tiny_stable_diffusion
 
 
 def build(kind_name: str, **settings):
@@ -79,7 +79,7 @@ def test_half_precision_models_take_float32_renderings(tiny_sd):
     g = build("stable-diffusion", model=str(tiny_sd), dtype="bf16")
     assert g.unet.dtype == torch.bfloat16
     images = torch.rand(1, 3, 32, 32, requires_grad=True)
-    out = g(images, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0))
+    out = g(guidance_batch(images, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0)))
     out.loss.backward()
     assert torch.isfinite(out.loss) and images.grad.abs().sum() > 0
 
@@ -135,7 +135,7 @@ def test_weightings(sd, tiny_sd):
 
 def test_guidance_step_reaches_images_without_keeping_unet_graphs(sd):
     images = torch.rand(2, 3, 48, 48, requires_grad=True)
-    out = sd(images, ["a", "b"], step=3, total_steps=10, generator=torch.Generator().manual_seed(1))
+    out = sd(guidance_batch(images, ["a", "b"], 3, 10, generator=torch.Generator().manual_seed(1)))
     assert not any(p.requires_grad for p in sd.unet.parameters())
     out.loss.backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
@@ -147,7 +147,7 @@ def test_rendered_latents_skip_the_vae(sd, monkeypatch):
     """A representation that renders 4-channel latents (Latent-NeRF style) is guided directly."""
     monkeypatch.setattr(sd, "encode_images", lambda *a, **k: pytest.fail("the VAE must not run on latents"))
     latents = torch.randn(1, 4, sd.latent_size, sd.latent_size, requires_grad=True)
-    sd(latents, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0)).loss.backward()
+    sd(guidance_batch(latents, ["a cat"], 0, 10, generator=torch.Generator().manual_seed(0))).loss.backward()
     assert latents.grad.abs().sum() > 0
 
 
@@ -174,8 +174,8 @@ def test_text_embeddings_are_cached(sd):
 
 def test_clip_guidance_scores_augmented_views(clip):
     images = torch.rand(2, 3, 40, 40, requires_grad=True)
-    out = clip(images, ["a red ball, front view", "a red ball, side view"], 0, 10,
-               generator=torch.Generator().manual_seed(0))
+    out = clip(guidance_batch(images, ["a red ball, front view", "a red ball, side view"], 0, 10,
+                              generator=torch.Generator().manual_seed(0)))
     assert -1 <= out.metrics["clip_similarity"] <= 1
     assert out.loss.item() == pytest.approx(1 - out.metrics["clip_similarity"], abs=1e-5)
     out.loss.backward()

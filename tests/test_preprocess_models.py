@@ -20,7 +20,7 @@ from PIL import Image
 from gen3d.cli import main
 from gen3d.errors import ConfigError
 from gen3d.preprocess import Preprocessor, build, load_settings, preprocess_file
-from gen3d.tiny_models import tiny_text_config, write_clip_tokenizer
+from gen3d.testing import tiny_text_config, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

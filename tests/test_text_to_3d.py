@@ -16,6 +16,7 @@ from gen3d.io import load_checkpoint
 from gen3d.plugins import get_component
 from gen3d.recipe import load_recipe
 from gen3d.specs import Component
+from gen3d.testing import guidance_batch
 from gen3d.trainer import run_recipe
 
 # Small and quick: 32 px views, a coarse grid, a 64^3 export, a short turntable.
@@ -90,7 +91,7 @@ def test_sds_gradient_reaches_the_field(tiny_sd, tmp_path):
     origins, dirs = loop.view_rays(views.cameras)
     out = loop.renderer.render(loop.field, origins, dirs, torch.ones(3))
     images = out.rgb.view(1, 32, 32, 3).permute(0, 3, 1, 2)
-    loop.guidance(images, ["a hamburger"], 0, 10).loss.backward()
+    loop.guidance(guidance_batch(images, ["a hamburger"], 0, 10)).loss.backward()
     grad = loop.field.table.grad.coalesce()
     assert grad.values().abs().sum() > 0
 

@@ -1,16 +1,19 @@
-"""Tiny random-initialised models in the real formats, written with ``save_pretrained``.
+"""Helpers for tests, benchmarks and plugin authors; never imported by a run.
+
+Tiny random-initialised models in the real formats, written with ``save_pretrained``.
 
 They let tests, benchmarks and new users exercise the exact loading and guidance code a real
 checkpoint goes through, on a CPU and with no download. Their outputs are meaningless (random
 weights): they check plumbing, shapes and speed, not quality.
 
-    python -m gen3d.tiny_models stable-diffusion DIR   # a diffusers Stable Diffusion folder
-    python -m gen3d.tiny_models clip DIR               # a transformers CLIP folder
+    python -m gen3d.testing stable-diffusion DIR   # a diffusers Stable Diffusion folder
+    python -m gen3d.testing clip DIR               # a transformers CLIP folder
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -105,10 +108,24 @@ def make_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
     return folder
 
 
+def guidance_batch(images: torch.Tensor, prompts: list[str], step: int = 0, total_steps: int = 1,
+                   generator: torch.Generator | None = None, distance: float = 2.5,
+                   elevation: float = 15.0):
+    """A :class:`gen3d.guidance.GuidanceInput` for ``images``, seen from cameras evenly spaced
+    around the origin: what a loop would pass, for calling a guidance directly."""
+    from .cameras import orbit
+    from .guidance import GuidanceInput, ViewAngles
+
+    size = images.shape[-1]
+    cameras = orbit(len(images), distance, elevation, math.radians(40), size)
+    return GuidanceInput(images, list(prompts), cameras, ViewAngles.of(cameras), step, total_steps,
+                         generator=generator)
+
+
 def main(argv: list[str]) -> int:
     makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip}
     if len(argv) != 2 or argv[0] not in makers:
-        print(f"usage: python -m gen3d.tiny_models {{{','.join(makers)}}} DIR", file=sys.stderr)
+        print(f"usage: python -m gen3d.testing {{{','.join(makers)}}} DIR", file=sys.stderr)
         return 2
     print(makers[argv[0]](Path(argv[1])))
     return 0
