@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gen3d.preprocess import Preprocessor, load_settings, preprocess_file
+from gen3d_plugins.preprocess_stage import Preprocessor, load_settings, preprocess_file
 
 
 def make_photo(long_side: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

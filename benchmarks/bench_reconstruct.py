@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | None = None) -> dict:
-    from gen3d.recipe import load_recipe
-    from gen3d.trainer import run_recipe
+    from gen3d import load_recipe
+    from gen3d import run_recipe
 
     recipe = load_recipe(recipe_path, [f"data.path={data.resolve()}", "eval_at_seconds=[15, 30, 60]", *overrides])
     if keep is not None:  # a fresh numbered folder per run, kept for a look at the mesh and previews

@@ -95,8 +95,8 @@ def make_timer() -> StepTimer:
 def run_case(recipe: str, model: str, batch: int, steps: int, overrides: list[str]) -> dict:
     import torch
 
-    from gen3d.recipe import load_recipe
-    from gen3d.trainer import run_recipe
+    from gen3d import load_recipe
+    from gen3d import run_recipe
 
     timer = make_timer()
 

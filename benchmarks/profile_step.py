@@ -27,15 +27,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from gen3d.plugins import get_component
-    from gen3d.recipe import load_recipe
-    from gen3d.trainer import Run, pick_device
+    from gen3d import load_recipe
+    from gen3d.testing import build_loop
+    from gen3d.trainer import pick_device
 
     recipe = load_recipe(ROOT / "recipes" / "nerf-reconstruct.yaml", [f"data.path={args.data.resolve()}", *args.overrides])
     torch.manual_seed(recipe.settings.seed)
     with tempfile.TemporaryDirectory() as out:
-        run = Run(Path(out), recipe, pick_device(recipe.settings.device), quiet=True)
-        loop = get_component("loop", recipe.settings.loop).factory(recipe.loop, run=run)
+        loop = build_loop(recipe, Path(out), str(pick_device(recipe.settings.device)))
         for step in range(args.at):
             loop.step(step)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -64,14 +64,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from gen3d.io import load_checkpoint
-    from gen3d.plugins import get_component
-    from gen3d.recipe import load_recipe
-    from gen3d.trainer import CHECKPOINT, Run
+    from gen3d import load_recipe
+    from gen3d.testing import build_loop
+    from gen3d.trainer import CHECKPOINT
 
     recipe = load_recipe(args.run_dir / "recipe.yaml", [])
     with tempfile.TemporaryDirectory() as scratch:
-        run = Run(Path(scratch), recipe, torch.device("cpu"), quiet=True)
-        loop = get_component("loop", recipe.settings.loop).factory(recipe.loop, run=run)
+        loop = build_loop(recipe, Path(scratch))
         loop.load_state_dict(load_checkpoint(args.run_dir / CHECKPOINT)["loop"])
         if not loop.data.has_alpha:
             raise SystemExit(f"{loop.data.root}: images have no alpha, so there are no silhouettes to compare")

@@ -15,22 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, call_plugin
 
 
 @dataclass
 class Choice:
-    """A recipe section that picks a component by name: ``{type: grid-nerf, <its settings>}``."""
+    """A recipe section that picks a component by name: ``{type: grid-nerf, <its settings>}``.
+
+    Validation resolves the name to the installed component (``component``), so building needs
+    no registry look-up and a misspelt name fails before any work starts."""
 
     kind: str
     type: str
     config: Any = None
+    component: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def build(self, **context: Any) -> Any:
-        """The chosen component, made from its settings (``context``: what the loop passes, e.g. device)."""
-        from .plugins import get_component
-
-        return get_component(self.kind, self.type).factory(self.config, **context)
+        """The chosen component, made from its settings (``context``: what the loop passes, e.g. device).
+        An exception raised by the plugin becomes a one-line :class:`PluginError` naming it."""
+        if self.component is None:
+            raise ConfigError(f"{self.kind} {self.type!r} was not resolved against the installed plugins")
+        return call_plugin(self.component, "building it", self.component.factory, self.config, **context)
 
 
 def choice(kind: str, default: str) -> Any:
@@ -45,6 +50,9 @@ class Context:
     source: str = "<recipe>"
     base_dir: Path = Path(".")
     cli_keys: frozenset[str] = frozenset()  # keys set on the command line resolve against the cwd
+    # The installed components (a gen3d.plugins.Registry), for sections that pick one by name.
+    # Passed in, not imported: configs stay importable without loading any plugin.
+    registry: Any = None
 
     def path(self, key: str, value: str) -> Path:
         p = Path(value).expanduser()
@@ -93,21 +101,28 @@ def from_dict(cls: type, data: Any, ctx: Context, key: str = "") -> Any:
 
 
 def _choice(kind: str, raw: Any, ctx: Context, key: str) -> Choice:
-    from .plugins import get_component  # late: configs are importable without loading plugins
-
     if isinstance(raw, Choice):
         return raw
+    if ctx.registry is None:
+        raise fail(ctx, key, f"a {kind} is chosen here, but no plugin registry was given to resolve it")
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, dict) or "type" not in raw:
         raise fail(ctx, key, f"expected a mapping with 'type: <{kind} name>', got {_show(raw)}")
     settings = dict(raw)
     name = settings.pop("type")
-    component = get_component(kind, str(name), where=f"{ctx.source}: {key}.type")
-    config = from_dict(component.config, settings, ctx, key) if component.config else None
-    if component.config is None and settings:
-        raise fail(ctx, key, f"{kind} {name!r} takes no settings, got {sorted(settings)}")
-    return Choice(kind=kind, type=str(name), config=config)
+    component = ctx.registry.get(kind, str(name), where=f"{ctx.source}: {key}.type")
+    return Choice(kind=kind, type=str(name), config=component_config(component, settings, ctx, key),
+                  component=component)
+
+
+def component_config(component: Any, settings: dict, ctx: Context, key: str) -> Any:
+    """The component's config instance from its recipe settings (its defaults where none are given)."""
+    if component.config is None:
+        if settings:
+            raise fail(ctx, key, f"{component.kind} {component.name!r} takes no settings, got {sorted(settings)}")
+        return None
+    return from_dict(component.config, settings, ctx, key)
 
 
 def convert(tp: Any, value: Any, ctx: Context, key: str) -> Any:

@@ -1,7 +1,9 @@
-"""From a field to files: marching cubes, vertex colours, clean-up, Z-up -> Y-up, atomic writes.
+"""From a field to files: marching cubes of its signed surface, vertex colours, clean-up, atomic writes.
 
-The exporters themselves are plugins (kind ``exporter``); this module prepares the mesh and
-moves whatever an exporter wrote into the run folder only once it is complete.
+Every field is exported through its signed surface function (gen3d.fields: negative inside, the
+surface at 0; a density field's is ``level - density``). The exporters themselves are plugins
+(kind ``exporter``); this module prepares the mesh and moves whatever an exporter wrote into
+the run folder only once it is complete.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,18 +21,21 @@ import trimesh
 from scipy import ndimage
 from skimage import measure
 
-from .errors import ConfigError, Gen3DError
-from .plugins import get_component
+from .errors import ConfigError, Gen3DError, call_plugin
+from .fields import surface_of
 from .render import packed_steps
 
-# glTF (by its specification), and OBJ as Blender imports it by default, are Y-up; our world is Z-up.
+# Our world is Z up; writers whose format is Y up (glTF by its specification, OBJ as Blender
+# imports it by default) get the mesh turned by this.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
 @dataclass
 class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
-    level: float | None = None  # density level of the surface; None: the loop chooses (e.g. from depth)
+    # Density level of the surface, for fields whose surface is their density (None: chosen so
+    # the surface has the views' silhouettes). Fields with a surface of their own ignore it.
+    level: float | None = None
     min_component: float = 0.02  # drop pieces with fewer faces than this fraction of the largest
     # Space not reachable from outside through density below fill_fraction x level is inside:
     # no inner shells, no holes where a thin shell's density stays under the level (0 disables).
@@ -37,6 +43,10 @@ class MeshSettings:
     fill_band: int = 4  # voxels next to the outside keep their density, so the surface stays at the level
     decimate: int | None = None  # target face count (needs the fast-simplification package)
     formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
+    # Settings of each format's exporter plugin, by format: {obj: {...}, xyz: {precision: 3}}.
+    options: dict[str, Any] = field(default_factory=dict)
+    # Filled in by recipe validation: a resolved Choice (component and config) per format.
+    exporters: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= 1024:
@@ -81,35 +91,39 @@ def _max_density_along(renderer, field, origins: torch.Tensor, dirs: torch.Tenso
     return sigma.new_zeros(len(origins)).scatter_reduce(0, ray, sigma, "amax")
 
 
-def density_volume(field, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
-    """Density sampled on a resolution^3 lattice spanning the field's box (corners included)."""
-    if hasattr(field, "density_volume"):
-        return field.density_volume(resolution).cpu().numpy()
-    aabb = field.aabb
+def surface_volume(surface, resolution: int, chunk: int = 1 << 18) -> np.ndarray:
+    """The signed surface function sampled on a resolution^3 lattice spanning its box (corners included)."""
+    field = getattr(surface, "field", None)
+    if field is not None and hasattr(field, "density_volume"):  # a density surface of a fast field
+        return surface.level - field.density_volume(resolution).cpu().numpy()
+    aabb = surface.aabb
     axes = [torch.linspace(float(aabb[i]), float(aabb[i + 3]), resolution, device=aabb.device) for i in range(3)]
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
     values = []
     with torch.no_grad():
         for x in axes[0]:  # one slab at a time keeps memory flat at any resolution
             points = torch.cat([x.expand(len(yz), 1), yz], dim=1)
-            values.append(torch.cat([field.density(p) for p in points.split(chunk)]).reshape(resolution, resolution))
+            values.append(torch.cat([surface.surface(p) for p in points.split(chunk)]).reshape(resolution, resolution))
     return torch.stack(values).cpu().numpy()
 
 
 def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
-    """The surface where density crosses ``settings.level``, in world coordinates (Z up), coloured."""
-    if settings.level is None:
-        raise Gen3DError("export.level is not set and this recipe does not choose one: set export.level")
-    volume = density_volume(field, settings.resolution)
-    if not (volume.min() < settings.level < volume.max()):
-        raise Gen3DError(f"no surface: the field's density ranges {volume.min():.3g}..{volume.max():.3g} "
-                         f"and never crosses the export level {settings.level}; train longer or set export.level")
+    """The field's surface (where its signed surface function crosses 0), in world coordinates
+    (Z up), coloured."""
+    surface = surface_of(field, settings.level, settings.fill_fraction)
+    volume = surface_volume(surface, settings.resolution)
+    if not (volume.min() < 0 < volume.max()):
+        what = (f"the field's density ranges {surface.level - volume.max():.3g}..{surface.level - volume.min():.3g} "
+                f"and never crosses the export level {settings.level}" if hasattr(surface, "level")
+                else f"its surface function ranges {volume.min():.3g}..{volume.max():.3g} and never crosses 0")
+        raise Gen3DError(f"no surface: {what}; train longer or set export.level")
     if settings.fill_fraction > 0:
-        volume = fill_interior(volume, settings.level, settings.fill_fraction * settings.level, settings.fill_band)
+        volume = fill_interior(volume, getattr(surface, "empty_above", 0.0), getattr(surface, "inside_value", None),
+                               settings.fill_band)
     aabb = field.aabb.detach().cpu().numpy().astype(np.float64)
     spacing = (aabb[3:] - aabb[:3]) / (settings.resolution - 1)
-    # The field is dense inside: flip so marching cubes' normals point outwards.
-    verts, faces, _, _ = measure.marching_cubes(-volume, -settings.level, spacing=tuple(spacing))
+    # Negative inside: marching cubes' normals then point outwards.
+    verts, faces, _, _ = measure.marching_cubes(volume, 0.0, spacing=tuple(spacing))
     verts = verts + aabb[:3]
     mesh = trimesh.Trimesh(verts, faces, process=False)
     mesh = keep_large_components(mesh, settings.min_component)
@@ -119,25 +133,27 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     return mesh
 
 
-def fill_interior(volume: np.ndarray, level: float, outside_level: float, band: int) -> np.ndarray:
-    """Raise above ``level`` everything farther than ``band`` voxels from the outside, where the
-    outside is what the box's border reaches through density below ``outside_level``.
+def fill_interior(volume: np.ndarray, empty_above: float, inside_value: float | None, band: int) -> np.ndarray:
+    """Make inside (negative) everything farther than ``band`` voxels from the outside, where the
+    outside is what the box's border reaches through values above ``empty_above``.
 
     A radiance field only needs density where rays stop, so a reconstructed solid is often a thin
     shell whose peak density varies: marching cubes at one level would give an inner surface too,
-    and holes where the peak stays under the level. Taking "outside" as what a low level can reach
-    from the border, and the rest as solid, leaves one closed outer surface. The band keeps the
-    outer surface's own density ramp, from ``outside_level`` up to ``level``: a ramp wider than
-    ``band`` voxels is cut, and the surface moves out to the band's edge (learnt ramps are a few
-    voxels wide; tests/test_export.py shows the effect on a wide analytic ramp).
+    and holes where the peak stays under the level. Taking "outside" as what clearly empty space
+    reaches from the border, and the rest as solid, leaves one closed outer surface. The band keeps
+    the outer surface's own ramp, from ``empty_above`` down to 0: a ramp wider than ``band`` voxels
+    is cut, and the surface moves out to the band's edge (learnt ramps are a few voxels wide;
+    tests/test_export.py shows the effect on a wide analytic ramp). Deep voxels get
+    ``inside_value`` (default: the volume's most inside value).
     """
-    empty = volume < outside_level
+    empty = volume > empty_above
     labels, _ = ndimage.label(empty)
     border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(),
                                        labels[:, :, [0, -1]].ravel()]))
     outside = np.isin(labels, border[border > 0])
     deep = ~ndimage.binary_dilation(outside, iterations=band)
-    return np.where(deep, np.maximum(volume, 2 * level), volume)
+    fill = float(volume.min()) if inside_value is None else inside_value
+    return np.where(deep, np.minimum(volume, fill), volume)
 
 
 def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
@@ -170,16 +186,25 @@ def vertex_colors(field, mesh: trimesh.Trimesh) -> np.ndarray:
     return (rgba * 255 + 0.5).astype(np.uint8)
 
 
-def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, formats: list[str], stem: str = "mesh") -> list[Path]:
-    """Write ``mesh`` (Z up) in each format through the exporter plugins; returns the files written."""
-    writers = [(fmt, get_component("exporter", fmt, where="export.formats").factory(None)) for fmt in formats]
-    y_up = mesh.copy()
-    y_up.apply_transform(Z_UP_TO_Y_UP)
+def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, exporters: list, stem: str = "mesh") -> list[Path]:
+    """Write ``mesh`` (Z up) through each exporter (a resolved Choice: ``MeshSettings.exporters``);
+    returns the files written. An exporter that raises is a one-line error naming its plugin.
+
+    Each writer gets the mesh in the up axis its format is read in, which it names as its
+    ``up_axis`` attribute: ``"Z"`` (our world's, as it is) or ``"Y"`` (turned by Z_UP_TO_Y_UP),
+    Y for a writer that names none (what every writer got before formats chose)."""
+    writers = [(choice.type, choice.build(), choice.component) for choice in exporters]
     written = []
-    for fmt, write in writers:
+    for fmt, write, component in writers:
+        up = getattr(write, "up_axis", "Y")
+        if up not in ("Y", "Z"):
+            raise Gen3DError(f"exporter {fmt!r}: up_axis must be 'Y' or 'Z', got {up!r}")
+        oriented = mesh.copy()  # a copy either way: a writer cannot change the caller's mesh
+        if up == "Y":
+            oriented.apply_transform(Z_UP_TO_Y_UP)
         # Each exporter writes into a scratch folder; files move into place only when all are done.
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".export-{fmt}-") as scratch:
-            write(y_up, Path(scratch) / f"{stem}.{fmt}")
+            call_plugin(component, f"writing {stem}.{fmt}", write, oriented, Path(scratch) / f"{stem}.{fmt}")
             for produced in sorted(Path(scratch).iterdir()):
                 target = Path(out_dir) / produced.name
                 os.replace(produced, target)
@@ -190,5 +215,5 @@ def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, formats: list[str], stem: 
 def timed_export(field, settings: MeshSettings, out_dir: Path) -> tuple[trimesh.Trimesh, list[Path], float]:
     began = time.perf_counter()
     mesh = extract_mesh(field, settings)
-    files = export_mesh(mesh, out_dir, settings.formats)
+    files = export_mesh(mesh, out_dir, settings.exporters)
     return mesh, files, time.perf_counter() - began

@@ -19,10 +19,12 @@ A model with another convention converts from these (e.g. Zero-1-to-3's polar an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .cameras import Cameras
 
@@ -98,3 +100,56 @@ class Guidance(Protocol):
     """A guidance is a callable: ``guidance(batch) -> GuidanceOutput``."""
 
     def __call__(self, batch: GuidanceInput) -> GuidanceOutput: ...
+
+
+# --- score distillation pieces shared by the diffusion-style guidances -----------------------
+
+Weighting = Literal["one_minus_alpha", "sigma_squared", "uniform"]
+
+
+class TimestepSchedule(Protocol):
+    """The settings :func:`t_range` reads (a guidance's config)."""
+
+    t_min: float
+    t_max: float
+    t_anneal: str  # none, linear or sqrt
+    t_max_end: float
+
+
+def t_range(config: TimestepSchedule, step: int, total_steps: int) -> tuple[float, float]:
+    """The [low, high] fraction of the diffusion time to sample from at this step: fixed, or with
+    ``t_max`` lowered towards ``t_max_end`` over the run (linearly, or by the square root of the
+    progress: most of the drop early)."""
+    if config.t_anneal == "none" or total_steps <= 1:
+        return config.t_min, config.t_max
+    progress = min(1.0, step / (total_steps - 1))
+    if config.t_anneal == "sqrt":
+        progress = math.sqrt(progress)
+    return config.t_min, config.t_max + (config.t_max_end - config.t_max) * progress
+
+
+def sample_timesteps(low: float, high: float, num_train_timesteps: int, batch: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``batch`` integer timesteps uniform in [low, high] x (num_train_timesteps - 1), on the CPU."""
+    last = num_train_timesteps - 1
+    t_low = round(low * last)
+    t_high = max(t_low, round(high * last))
+    return torch.randint(t_low, t_high + 1, (batch,), generator=generator)
+
+
+def sds_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """w(t): ``one_minus_alpha`` is DreamFusion's 1 - abar_t (the VP noise variance);
+    ``sigma_squared`` the VE noise variance (1 - abar_t) / abar_t; ``uniform`` 1."""
+    alpha = alphas_cumprod[t]
+    if weighting == "one_minus_alpha":
+        return 1 - alpha
+    if weighting == "sigma_squared":
+        return (1 - alpha) / alpha
+    return torch.ones_like(alpha)
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient w.r.t. ``latents`` is ``grad`` / batch size (the SDS gradient,
+    averaged over the batch): d/dz 0.5 ||z - stopgrad(z - grad)||^2 = grad."""
+    target = (latents - grad).detach()
+    return 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)

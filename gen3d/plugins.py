@@ -48,6 +48,11 @@ class Registry:
             )
         known[component.name] = component
 
+    @property
+    def hooks(self):
+        """The hook relay: ``registry.hooks.gen3d_on_step(run=..., step=..., metrics=...)``."""
+        return self.pm.hook
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._by_kind[kind])
 

@@ -1,8 +1,13 @@
-"""Recipes: YAML files that name a loop and its components, with dotted command-line overrides.
+"""Recipes: YAML files that name a loop (or a list of stages) and their components, with dotted
+command-line overrides.
 
-A recipe has a few keys every recipe shares (:class:`RunSettings`: ``loop``, ``steps``,
-``max_seconds``, ...); every other top-level key belongs to the loop's own config.
-The whole recipe is validated into typed configs before any work starts.
+A one-stage recipe is flat: a few keys every recipe shares (:class:`RunSettings`: ``seed``,
+``device``), the stage's own keys (:class:`StageSettings`: ``loop``, ``steps``, ``max_seconds``,
+``export``, ``preview``, ...), and every other top-level key belongs to the loop's config. A
+multi-stage recipe holds the shared keys and ``stages:``, an ordered list of such stage
+mappings, each with a ``name``; a later stage may start from an earlier one (``init_from``).
+The whole recipe is validated into typed configs, against the installed plugins (a registry
+passed in), before any work starts.
 """
 
 from __future__ import annotations
@@ -15,25 +20,42 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import Context, from_dict, to_dict
+from .config import Choice, Context, component_config, fail, from_dict, to_dict
 from .errors import ConfigError
-from .plugins import get_component
+from .export import MeshSettings
+from .fields import check_capabilities
+from .outputs import PreviewSettings
 
 
 @dataclass
 class RunSettings:
-    loop: str
-    steps: int = 1000  # the step budget
-    max_seconds: float | None = None  # optional wall-clock budget for training (evaluation excluded)
+    """Keys the whole run shares."""
+
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class StageSettings:
+    """Keys every stage has, whatever its loop."""
+
+    loop: str
+    name: str = "main"
+    steps: int = 1000  # the step budget (a loop that does not train, e.g. preprocess, ignores it)
+    max_seconds: float | None = None  # optional wall-clock budget for training (evaluation excluded)
     checkpoint_every: int = 200
     # Evaluate (untimed) when training time passes these marks: PSNR at 15 s, 30 s, ... for benchmarks.
     eval_at_seconds: list[float] = field(default_factory=list)
+    # Start this stage's field from an earlier stage's (its name): by the field's own conversion
+    # when it has one (init_from(other)), else by distillation (fit the earlier field's density
+    # and colour at random points).
+    init_from: str | None = None
+    export: MeshSettings = field(default_factory=MeshSettings)
+    preview: PreviewSettings = field(default_factory=PreviewSettings)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be 0 or more, got {self.steps}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.checkpoint_every < 1:
@@ -41,19 +63,46 @@ class RunSettings:
 
 
 @dataclass
+class Stage:
+    settings: StageSettings
+    loop: Any  # the loop component's config instance
+    component: Any  # the loop component
+
+
+@dataclass
 class Recipe:
     settings: RunSettings
-    loop: Any  # the loop component's config instance
+    stages: list[Stage]
     source: str
+    staged: bool = False  # written with a stages: list (else one flat stage)
+
+    @property
+    def loop(self) -> Any:
+        """The loop config of a one-stage recipe (the first stage's in a multi-stage one)."""
+        return self.stages[0].loop
+
+    @property
+    def first(self) -> StageSettings:
+        """The stage settings of a one-stage recipe (the first stage's in a multi-stage one)."""
+        return self.stages[0].settings
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.settings.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**to_dict(self.settings), **to_dict(self.loop)}
+        stages = [{**to_dict(s.settings), **to_dict(s.loop)} for s in self.stages]
+        if self.staged:
+            return {**to_dict(self.settings), "stages": stages}
+        single = stages[0]
+        single.pop("name")
+        return {**to_dict(self.settings), **single}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-COMMON_KEYS = [f.name for f in fields(RunSettings)]
+RUN_KEYS = [f.name for f in fields(RunSettings)]
+STAGE_KEYS = [f.name for f in fields(StageSettings)]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -107,7 +156,8 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: Path, overrides: list[str] = (), *, registry) -> Recipe:
+    """Read, override and validate a recipe against ``registry`` (a gen3d.plugins.Registry)."""
     path = Path(path)
     data = copy.deepcopy(read_yaml(path))
     cli_keys = set()
@@ -116,23 +166,85 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         apply_override(data, key, value)
         cli_keys.add(key)
     return recipe_from_dict(data, Context(source=str(path), base_dir=path.parent.resolve(),
-                                          cli_keys=frozenset(cli_keys)))
+                                          cli_keys=frozenset(cli_keys), registry=registry))
 
 
 def recipe_from_dict(data: dict[str, Any], ctx: Context) -> Recipe:
+    if "stages" in data:
+        return _staged(data, ctx)
     if "loop" not in data:
-        raise ConfigError(f"{ctx.source}: loop: missing; a recipe names its loop, e.g. 'loop: nerf-reconstruct'")
-    common = {k: v for k, v in data.items() if k in COMMON_KEYS}
-    rest = {k: v for k, v in data.items() if k not in COMMON_KEYS}
-    settings = from_dict(RunSettings, common, ctx)
-    component = get_component("loop", settings.loop, where=f"{ctx.source}: loop")
+        raise ConfigError(f"{ctx.source}: loop: missing; a recipe names its loop, e.g. 'loop: nerf-reconstruct', "
+                          "or lists its stages:")
+    run = from_dict(RunSettings, {k: v for k, v in data.items() if k in RUN_KEYS}, ctx)
+    stage = _stage({k: v for k, v in data.items() if k not in RUN_KEYS}, ctx, "", RUN_KEYS)
+    return Recipe(settings=run, stages=[stage], source=ctx.source)
+
+
+def _staged(data: dict[str, Any], ctx: Context) -> Recipe:
+    for key in data:
+        if key not in RUN_KEYS + ["stages"]:
+            raise fail(ctx, key, f"{_unknown(key, RUN_KEYS + ['stages'])} (a recipe with stages: keeps every "
+                                 "other setting inside its stages)")
+    run = from_dict(RunSettings, {k: v for k, v in data.items() if k in RUN_KEYS}, ctx)
+    raw = data["stages"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, dict) for s in raw):
+        raise fail(ctx, "stages", "expected a list of stage mappings, each with a name and a loop")
+    stages: list[Stage] = []
+    for i, entry in enumerate(raw):
+        key = f"stages[{i}]"
+        if "name" not in entry or "loop" not in entry:
+            raise fail(ctx, key, "every stage needs a name and a loop, e.g. {name: coarse, loop: nerf-reconstruct}")
+        stage = _stage(entry, ctx, key, [])
+        names = [s.settings.name for s in stages]
+        if stage.settings.name in names:
+            raise fail(ctx, f"{key}.name", f"stage name {stage.settings.name!r} is used twice")
+        if stage.settings.init_from is not None and stage.settings.init_from not in names:
+            raise fail(ctx, f"{key}.init_from", f"{stage.settings.init_from!r} is not an earlier stage; "
+                                                f"earlier stages: {', '.join(names) or '(none)'}")
+        stages.append(stage)
+    return Recipe(settings=run, stages=stages, source=ctx.source, staged=True)
+
+
+def _stage(data: dict[str, Any], ctx: Context, prefix: str, other_keys: list[str]) -> Stage:
+    """One stage: its StageSettings, its loop component and the loop's config, all validated."""
+    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    settings = from_dict(StageSettings, {k: v for k, v in data.items() if k in STAGE_KEYS}, ctx, prefix)
+    component = ctx.registry.get("loop", settings.loop, where=f"{ctx.source}: {join('loop')}")
     loop_keys = [f.name for f in fields(component.config)] if component.config else []
+    rest = {k: v for k, v in data.items() if k not in STAGE_KEYS}
     for key in rest:
         if key not in loop_keys:
-            known = COMMON_KEYS + loop_keys
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{ctx.source}: {key}: unknown key {key!r}.{did_you_mean} "
-                              f"Known keys: {', '.join(sorted(known))}")
-    loop_config = from_dict(component.config, rest, ctx) if component.config else None
-    return Recipe(settings=settings, loop=loop_config, source=ctx.source)
+            raise fail(ctx, join(str(key)), _unknown(str(key), other_keys + STAGE_KEYS + loop_keys))
+    loop_config = component_config(component, rest, ctx, prefix)
+    # A loop whose config class says TRAINS = False (a preprocessing stage) needs no steps.
+    if settings.steps < 1 and getattr(component.config, "TRAINS", True):
+        raise fail(ctx, join("steps"), f"steps must be at least 1 for the training loop {component.name!r}, "
+                                       f"got {settings.steps}")
+    representation = getattr(loop_config, "representation", None)
+    if isinstance(representation, Choice) and component.needs:
+        check_capabilities(representation.component, tuple(component.needs), f"loop {component.name!r}",
+                           f"{ctx.source}: {join('representation.type')}")
+    resolve_exporters(settings.export, ctx, join("export"))
+    return Stage(settings=settings, loop=loop_config, component=component)
+
+
+def resolve_exporters(export: MeshSettings, ctx: Context, key: str) -> None:
+    """Each format's exporter component and its config (``export.options.FORMAT``, defaults when absent)."""
+    for name in export.options:
+        if name not in export.formats:
+            raise fail(ctx, f"{key}.options.{name}", f"options for {name!r}, which is not in export.formats "
+                                                     f"({', '.join(export.formats)})")
+    export.exporters = []
+    for fmt in export.formats:
+        component = ctx.registry.get("exporter", fmt, where=f"{ctx.source}: {key}.formats")
+        settings = export.options.get(fmt) or {}
+        if not isinstance(settings, dict):
+            raise fail(ctx, f"{key}.options.{fmt}", f"expected a mapping of settings, got {settings!r}")
+        config = component_config(component, settings, ctx, f"{key}.options.{fmt}")
+        export.exporters.append(Choice(kind="exporter", type=fmt, config=config, component=component))
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(str(name), known, n=1)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    return f"unknown key {name!r}.{did_you_mean} Known keys: {', '.join(sorted(set(known)))}"

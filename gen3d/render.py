@@ -274,9 +274,12 @@ class VolumeRenderer:
         return self.occupancy.occupied
 
     def state_dict(self) -> dict:
+        # The marching step goes with the occupancy: a field fitted at one step renders (and its
+        # occupancy thresholds mean) what they did only at that step, and a loop that shrank its
+        # box kept the old step (gen3d.runs rebuilds a trained field's renderer from this).
         if self.packed:
-            return {"estimator": self.estimator.state_dict()}
-        return {"occupied": self.occupancy.occupied}
+            return {"estimator": self.estimator.state_dict(), "step_size": self.step_size}
+        return {"occupied": self.occupancy.occupied, "step_size": self.step_size}
 
     def load_state_dict(self, state: dict) -> None:
         if self.packed:

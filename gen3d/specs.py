@@ -23,14 +23,20 @@ KIND_HOOKS = {
 class Component:
     """One named component a plugin contributes.
 
-    ``factory(config, **context)`` builds it from an instance of ``config``
-    (a dataclass whose fields are the component's recipe settings).
+    ``factory(config, **context)`` builds it from an instance of ``config`` (a dataclass whose
+    fields are the component's recipe settings; its defaults when the recipe gives none), or
+    from ``None`` when the component takes no settings. What ``context`` holds depends on the
+    kind: see each hook in :mod:`gen3d.hookspecs`.
     """
 
     name: str
     factory: Callable[..., Any]
     config: type | None = None
     description: str = ""
+    # Representations: the capabilities their fields have ("radiance", "surface", "trainable",
+    # "refit"; see gen3d.fields). Loops: the capabilities they need of their representation.
+    provides: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
     # Filled in by the plugin manager: which plugin provided it and of what kind.
     kind: str = field(default="", compare=False)
     plugin: str = field(default="", compare=False)

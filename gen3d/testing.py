@@ -122,6 +122,17 @@ def guidance_batch(images: torch.Tensor, prompts: list[str], step: int = 0, tota
                          generator=generator)
 
 
+def build_loop(recipe, out_dir: Path, device: str = "cpu", stage: int = 0):
+    """The loop of one stage of ``recipe``, built as the core builds it (no training): for tests
+    and benchmarks that drive ``step`` themselves."""
+    from .api import registry
+    from .run import Run
+
+    chosen = recipe.stages[stage]
+    run = Run(Path(out_dir), recipe, chosen.settings, torch.device(device), registry().hooks, quiet=True)
+    return chosen.component.factory(chosen.loop, run=run)
+
+
 def main(argv: list[str]) -> int:
     makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip}
     if len(argv) != 2 or argv[0] not in makers:

@@ -1,71 +1,33 @@
-"""Runs a recipe's loop: progress, wall-clock budget, checkpoints, resume, NaN and Ctrl-C handling.
+"""Runs a recipe: its stages in order, each loop with progress, wall-clock budget, checkpoints,
+resume, NaN and Ctrl-C handling, then the core's end of stage (gen3d.outputs).
 
-Every loop plugin gets this for free. A loop object implements::
-
-    step(step: int) -> dict[str, float]      # one optimisation step; must report "loss"
-    state_dict() -> dict / load_state_dict(state)
-    evaluate() -> dict[str, float]           # quick held-out metrics (untimed)
-    finish(train: TrainResult) -> dict       # final evaluation, exports, previews -> metrics
+Every loop gets this for free (the protocols are in gen3d.run). A one-stage run writes into the
+run folder itself; a multi-stage run gives each stage ``stages/NAME/`` and copies the last
+stage's exports and previews to the top. ``--resume`` skips finished stages (those with a
+``metrics.json``) and continues the first unfinished one from its checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .errors import Gen3DError, TrainingDiverged
+from .errors import Gen3DError, TrainingDiverged, call_plugin
 from .io import inside, load_checkpoint, save_checkpoint, write_json, write_text
-from .plugins import get_component, get_registry
-from .recipe import Recipe
-
-
-class Loop(Protocol):
-    def step(self, step: int) -> dict[str, float]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def evaluate(self) -> dict[str, float]: ...
-    def finish(self, train: "TrainResult") -> dict[str, Any]: ...
+from .outputs import finish_stage
+from .recipe import Recipe, Stage
+from .run import Run, StageLoop, TrainingLoop, TrainResult
 
 
 class Interrupted(Gen3DError):
     """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
-
-
-@dataclass
-class Run:
-    """What a loop knows about the run it is part of."""
-
-    out_dir: Path
-    recipe: Recipe
-    device: torch.device
-    quiet: bool = False
-
-    def path(self, relative: str) -> Path:
-        """A path inside the run folder (never outside it)."""
-        return inside(self.out_dir, relative)
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            tqdm.write(message, file=sys.stderr)
-
-    @property
-    def hooks(self):
-        return get_registry().pm.hook
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    seconds: float
-    timeline: list[dict[str, float]] = field(default_factory=list)
-    last_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,37 +39,100 @@ def pick_device(name: str) -> torch.device:
 
 
 CHECKPOINT = "checkpoints/last.safetensors"
+FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.gif", "test_views.png")
 
 
-def run_recipe(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | None = None,
+def stage_dir(recipe: Recipe, out_dir: Path, stage: Stage) -> Path:
+    return inside(out_dir, f"stages/{stage.settings.name}") if recipe.staged else out_dir
+
+
+def run_recipe(recipe: Recipe, out_dir: Path, *, hooks, resume: bool = False, device: str | None = None,
                quiet: bool = False) -> dict[str, Any]:
-    """Build the loop, train it (resuming if asked), finish it; returns the final metrics."""
-    settings = recipe.settings
+    """Run every stage (resuming if asked); returns the last stage's metrics (with every stage's
+    under ``stages`` for a multi-stage run). ``hooks`` is the plugin manager's hook relay."""
     out_dir = Path(out_dir)
-    checkpoint = inside(out_dir, CHECKPOINT)
-    if resume and not checkpoint.is_file():
-        raise Gen3DError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
-    if not resume and checkpoint.is_file():
+    started = [s for s in recipe.stages if _started(stage_dir(recipe, out_dir, s))]
+    if resume and not started:
+        raise Gen3DError(f"--resume: no checkpoint at {inside(out_dir, CHECKPOINT) if not recipe.staged else out_dir / 'stages'}; "
+                         "start without --resume")
+    if not resume and started:
         raise Gen3DError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+    device_ = pick_device(device or recipe.settings.device)
+    fields_cache: dict[str, Any] = {}
 
-    torch.manual_seed(settings.seed)
-    run = Run(out_dir=out_dir, recipe=recipe, device=pick_device(device or settings.device), quiet=quiet)
-    component = get_component("loop", settings.loop)
-    loop: Loop = component.factory(recipe.loop, run=run)
+    def field_of(name: str):
+        if name not in fields_cache:  # a stage finished before --resume: rebuild it from its checkpoint
+            earlier = recipe.stage(name)
+            run = Run(stage_dir(recipe, out_dir, earlier), recipe, earlier.settings, device_, hooks, True, field_of)
+            loop = call_plugin(earlier.component, "building it", earlier.component.factory, earlier.loop, run=run)
+            state = load_checkpoint(run.path(CHECKPOINT))
+            loop.load_state_dict(state["loop"])
+            fields_cache[name] = loop.outputs(TrainResult(state["step"], state["seconds"])).field
+        return fields_cache[name]
 
+    all_metrics: dict[str, Any] = {}
+    for stage in recipe.stages:
+        folder = stage_dir(recipe, out_dir, stage)
+        if recipe.staged and (folder / "metrics.json").is_file():
+            continue  # finished before --resume; its field is rebuilt only if a later stage needs it
+        torch.manual_seed(recipe.settings.seed)
+        run = Run(folder, recipe, stage.settings, device_, hooks, quiet, field_of)
+        if recipe.staged:
+            run.log(f"stage {stage.settings.name} ({stage.settings.loop})")
+        loop = call_plugin(stage.component, "building it", stage.component.factory, stage.loop, run=run)
+        metrics, outputs = run_stage(run, stage, loop, resume=resume and _started(folder))
+        all_metrics[stage.settings.name] = metrics
+        if outputs is not None:
+            fields_cache[stage.settings.name] = outputs.field
+    final = recipe.stages[-1]
+    if not recipe.staged:
+        return all_metrics.get(final.settings.name, {})
+    last = _read_json(stage_dir(recipe, out_dir, final) / "metrics.json")
+    for name in FINAL_FILES:  # the last stage's files are the run's
+        produced = stage_dir(recipe, out_dir, final) / name
+        if produced.is_file():
+            shutil.copyfile(produced, out_dir / f".{name}.tmp")
+            (out_dir / f".{name}.tmp").replace(out_dir / name)
+    summary = {**last, "stages": {s.settings.name: _read_json(stage_dir(recipe, out_dir, s) / "metrics.json")
+                                  for s in recipe.stages}}
+    write_json(out_dir / "metrics.json", summary)
+    return summary
+
+
+def run_stage(run: Run, stage: Stage, loop: Any, resume: bool) -> tuple[dict[str, Any], Any]:
+    """Train one stage's loop (or run a stage that does not train) and finish it: its metrics, and
+    the StageOutputs of a training loop (None for a stage that does not train)."""
+    if isinstance(loop, StageLoop) and not isinstance(loop, TrainingLoop):
+        metrics = call_plugin(stage.component, "running its stage", loop.run_stage)
+        write_json(run.out_dir / "metrics.json", metrics)
+        return metrics, None
+    if not isinstance(loop, TrainingLoop):
+        raise Gen3DError(f"loop {stage.component.name!r} from plugin {stage.component.plugin or '?'} is neither a "
+                         "training loop (step, state_dict, load_state_dict, evaluate, outputs) nor a stage (run_stage)")
     result = train(run, loop, resume=resume)
+    outputs = call_plugin(stage.component, "handing over its outputs", loop.outputs, result)
     metrics = {"steps": result.steps, "train_seconds": round(result.seconds, 3),
-               **loop.finish(result)}
+               **finish_stage(run, outputs, stage.settings.export, stage.settings.preview)}
     if result.timeline:
         metrics["timeline"] = result.timeline
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    write_json(run.out_dir / "metrics.json", metrics)
+    return metrics, outputs
 
 
-def train(run: Run, loop: Loop, resume: bool = False) -> TrainResult:
-    settings = run.recipe.settings
+def _started(folder: Path) -> bool:
+    return (folder / CHECKPOINT).is_file() or (folder / "metrics.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
+    settings = run.stage
     checkpoint = run.path(CHECKPOINT)
     start, elapsed, timeline = 0, 0.0, []
     if resume:

@@ -13,12 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gen3d import hookimpl
-from gen3d.errors import ConfigError
-from gen3d.guidance import GuidanceInput, GuidanceOutput
-from gen3d.hub import load_pretrained, pick_dtype, resolve
-from gen3d.prompts import EmbeddingCache
-from gen3d.specs import Component
+from gen3d import (Component, ConfigError, EmbeddingCache, GuidanceInput, GuidanceOutput, hookimpl,
+                   load_pretrained, pick_dtype, resolve)
 
 KEY = "guidance.model"
 # CLIP's published normalisation, used when the folder has no image processor config.

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen3d import hookimpl
-from gen3d.specs import Component
+from gen3d import Component, hookimpl
 
 # torch 2.11 warns (once) about sparse tensors built with check_invariants=False ("implicitly
 # disabled", seen on the GPU machine); ours is valid by construction and checking it would cost
@@ -209,6 +208,17 @@ class GridNeRF(nn.Module):
         self.aabb = aabb.clone().float().to(self.table.device)
         self.resolution = r
 
+    @torch.no_grad()
+    def init_from(self, source) -> bool:
+        """Start from another grid field (an earlier stage): take its box and values, resampled
+        to this field's first resolution. False for any other kind of field (the core then
+        distils it instead)."""
+        if not isinstance(source, GridNeRF) or source.n_sh != self.n_sh:
+            return False
+        self.load_state_dict_plain(source.state_dict_plain())
+        self.refit(source.aabb, self.config.resolutions[0])
+        return True
+
     def regularizer(self, step: int) -> torch.Tensor | None:
         """Total variation on a random sample of vertices (sparse-gradient friendly)."""
         cfg = self.config
@@ -346,4 +356,5 @@ def build(config: GridNeRFConfig, *, aabb: torch.Tensor, step_size: float) -> Gr
 @hookimpl
 def gen3d_representations():
     return [Component("grid-nerf", build, GridNeRFConfig,
-                      "dense voxel-grid radiance field (SH colour, coarse-to-fine, sparse updates)")]
+                      "dense voxel-grid radiance field (SH colour, coarse-to-fine, sparse updates)",
+                      provides=("radiance", "trainable", "refit"))]

@@ -21,10 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gen3d import hookimpl
-from gen3d.cameras import Cameras, focal_from_fov
-from gen3d.errors import DataError
-from gen3d.specs import Component
+from gen3d import Cameras, Component, DataError, focal_from_fov, hookimpl
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".exr")
 

@@ -23,9 +23,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from gen3d import hookimpl
-from gen3d.preprocess import Detections, Segmentation
-from gen3d.specs import Component
+from gen3d import Component, Detections, Segmentation, hookimpl
 
 
 @dataclass

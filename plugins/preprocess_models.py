@@ -1,7 +1,7 @@
 """Model preprocessors from transformers: ``owlv2``, ``detr`` (detectors), ``sam`` (segmenter),
 ``depth-anything`` (relative depth; DPT checkpoints load the same way, metric-depth models are refused).
 
-Each loads a hub id or a local ``save_pretrained`` folder through :func:`gen3d.hub.load_pretrained`,
+Each loads a hub id or a local ``save_pretrained`` folder through :func:`gen3d.load_pretrained`,
 so a missing download is one clear line, not a traceback. Weights are fetched only when a
 preprocessor is named (never at install time): ``hf download google/owlv2-base-patch16-ensemble``
 once on a machine with internet, or point ``detector.model=PATH`` at a folder.
@@ -24,11 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from gen3d import hookimpl
-from gen3d.errors import ConfigError
-from gen3d.hub import load_pretrained, pick_dtype
-from gen3d.preprocess import DepthMap, Detections, Segmentation
-from gen3d.specs import Component
+from gen3d import (Component, ConfigError, DepthMap, Detections, Segmentation, hookimpl, load_pretrained,
+                   pick_dtype)
 
 # transformers' PIL image processors: the same results with or without torchvision installed.
 BACKEND = "pil"

@@ -6,32 +6,27 @@
 The recipe's keys are the stage's settings (``detector``, ``segmenter``, ``depth``, ``size``,
 ``fill``, ``pick``, ``max_side``, ``use_alpha``, ``max_cover``) plus ``image`` (required; relative
 to the recipe file, or to the current folder when given on the command line) and ``prompt``.
-The run folder gets the command's outputs (``rgba.png``, ``mask.png``, ``detections.json``,
-``overview.png``, with depth ``depth.npy``/``depth.png``) beside the trainer's ``recipe.yaml`` and
-``metrics.json``. There is nothing to train: the work happens once, when the run finishes.
+The stage folder gets the command's outputs (``rgba.png``, ``mask.png``, ``detections.json``,
+``overview.png``, with depth ``depth.npy``/``depth.png``) beside the core's ``recipe.yaml`` and
+``metrics.json``. It is a stage that does not train (``run_stage``): no steps, no checkpoints;
+in a recipe with ``stages:`` a later stage reads its ``rgba.png``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from gen3d import hookimpl
-from gen3d.config import Context
-from gen3d.errors import DataError
-from gen3d.preprocess import (
-    Preprocessor,
-    PreprocessResult,
-    PreprocessSettings,
-    optional_choice,
-    preprocess_file,
-)
-from gen3d.specs import Component
+from gen3d import Component, Context, DataError, Run, hookimpl
+from gen3d_plugins.preprocess_stage import (Preprocessor, PreprocessResult, PreprocessSettings, optional_choice,
+                                           preprocess_file)
 
 
 @dataclass(kw_only=True)
 class PreprocessRecipeConfig(PreprocessSettings):
+    TRAINS: ClassVar[bool] = False  # a stage without steps: the recipe may say steps: 0
+
     image: Path  # the photo
     prompt: list[str] | str = field(default_factory=list)  # what to find, e.g. "a chair" (detectors that read text)
 
@@ -44,31 +39,19 @@ class PreprocessRecipeConfig(PreprocessSettings):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class PreprocessLoop:
-    """The loop protocol of :mod:`gen3d.trainer` around one preprocessing call."""
+class PreprocessStage:
+    """A stage that does not train (gen3d.StageLoop): one preprocessing call, when the core runs it."""
 
-    def __init__(self, config: PreprocessRecipeConfig, run):
+    def __init__(self, config: PreprocessRecipeConfig, run: Run):
         self.config, self.run = config, run
         if config.image.is_dir():
             raise DataError(f"{config.image}: is a folder, not an image file")
         if not config.image.is_file():
             raise DataError(f"{config.image}: no such image file")
-        self.stage = Preprocessor(config, where="recipe")  # models load (and fail) before any step
+        self.stage = Preprocessor(config, where="recipe")  # models load (and fail) before the run starts
         self.result: PreprocessResult | None = None
 
-    def step(self, step: int) -> dict[str, float]:
-        return {"loss": 0.0}  # nothing to optimise
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def finish(self, train) -> dict[str, Any]:
+    def run_stage(self) -> dict[str, Any]:
         config = self.config
         result = preprocess_file(config.image, config, self.run.out_dir, prompts=config.prompts, stage=self.stage)
         self.result = result
@@ -81,8 +64,8 @@ class PreprocessLoop:
                 "unsure_reasons": result.unsure, "notes": result.notes, "preprocess_seconds": result.seconds}
 
 
-def build(config: PreprocessRecipeConfig, *, run) -> PreprocessLoop:
-    return PreprocessLoop(config, run)
+def build(config: PreprocessRecipeConfig, *, run: Run) -> PreprocessStage:
+    return PreprocessStage(config, run)
 
 
 @hookimpl

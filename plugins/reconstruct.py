@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.spatial import cKDTree
 from torch.profiler import record_function
 
-from gen3d import fields, hookimpl
-from gen3d.cameras import orbit
-from gen3d.config import Choice, choice
-from gen3d.errors import Gen3DError
-from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
-from gen3d.io import atomic_path, to_uint8, write_gif
-from gen3d.render import RenderSettings, VolumeRenderer, binary_entropy, pixel_means
-from gen3d.specs import Component
-
+from gen3d import (Choice, Component, FieldTrainer, HeldOutViews, Orbit, RenderSettings, Silhouettes,
+                   StageOutputs, binary_entropy, choice, fov_of, hookimpl, pixel_means, quick_psnr)
 
 @dataclass
 class TrainSettings:
@@ -49,7 +39,7 @@ class TrainSettings:
     # Weight of the binary entropy of each training ray's opacity (images with alpha only): a
     # ray meets an opaque object or misses it, so haze that lets each view draw the silhouette
     # its own way costs, while a silhouette pixel keeps its partial coverage from several rays
-    # that each hit or miss. Torus knot +0.4 dB at the end, +0.6 at 60 s (see README).
+    # that each hit or miss. Thin objects, whose pixels are mostly silhouette, need it most.
     opacity_entropy: float = 0.0
 
     def __post_init__(self) -> None:
@@ -66,21 +56,16 @@ class TrainSettings:
 
 
 @dataclass
-class PreviewSettings:
-    turntable_frames: int = 36
-    elevation: float = 25.0
-    test_images: int = 4  # predicted vs. ground truth, side by side
-
-
-@dataclass
 class ReconstructConfig:
     data: Choice = choice("dataset", "nerf-synthetic")
     representation: Choice = choice("representation", "grid-nerf")
     render: RenderSettings = field(default_factory=RenderSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    export: MeshSettings = field(default_factory=MeshSettings)
-    preview: PreviewSettings = field(default_factory=PreviewSettings)
+    turntable_elevation: float = 25.0  # degrees; preview.elevation overrides it
     eval_views: int = 8  # held-out views used for the quick evaluations during training
+
+
+NEEDS = ("radiance",)  # what the loop asks of its representation
 
 
 class Reconstruct:
@@ -93,9 +78,11 @@ class Reconstruct:
         self.pixels = images.reshape(-1, 4)
         self.image_size = images.shape[1:3]
         aabb = self.data.aabb.to(device)
-        self.renderer = VolumeRenderer(aabb, config.render)
-        self.field = fields.build(config.representation, aabb, self.renderer.step_size)
-        self.new_optimizer()
+        self.trainer = FieldTrainer(run, config.representation, aabb, config.render, needs=NEEDS,
+                                    lr_decay=config.train.lr_decay, loop_name="nerf-reconstruct")
+        if run.stage.init_from:
+            how = self.trainer.init_from(run.field_of(run.stage.init_from))
+            run.log(f"field initialised from stage {run.stage.init_from!r} by {how}")
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
         self.opacity_entropy = config.train.opacity_entropy if self.data.has_alpha else 0.0
@@ -104,9 +91,20 @@ class Reconstruct:
         self.edge_supersample = config.render.edge_supersample if self.data.has_alpha else 1
         self.edge_pixels = near_silhouette(images[..., 3]).reshape(-1)
         self.edge_share = float(self.edge_pixels.float().mean())
-        self.generator = torch.Generator(device=device).manual_seed(run.recipe.settings.seed)
         run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
                 f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
+
+    @property
+    def field(self):
+        return self.trainer.field
+
+    @property
+    def renderer(self):
+        return self.trainer.renderer
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.trainer.generator
 
     # --- training ----------------------------------------------------------------------
 
@@ -115,9 +113,7 @@ class Reconstruct:
         with record_function("gen3d.occupancy"):
             if step == self.config.train.tighten_box_at:
                 self.tighten_box(step)
-            if fields.grow(self.field, step):
-                self.new_optimizer()
-            occupied = self.renderer.update_occupancy(self.field, step)
+            occupied = self.trainer.prepare(step)
         with record_function("gen3d.rays"):
             origins, dirs, target, background, index, ray_pixel = self.sample_rays(self.config.train.rays_per_step)
         with record_function("gen3d.render"):
@@ -129,15 +125,13 @@ class Reconstruct:
             loss = mse
             if self.opacity_entropy > 0:
                 loss = loss + self.opacity_entropy * binary_entropy(out.opacity).mean()
-            extra = fields.regularizer(self.field, step)
+            extra = self.trainer.regularizer(step)
             if extra is not None:
                 loss = loss + extra
         with record_function("gen3d.backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.trainer.backward(loss)
         with record_function("gen3d.optimizer"):
-            self.decay_learning_rates(step)
-            self.optimizer.step()
+            self.trainer.optimizer_step(step)
         n = len(origins)
         metrics = {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)),
                    "samples_per_ray": out.samples / n}
@@ -147,8 +141,6 @@ class Reconstruct:
 
     @torch.no_grad()
     def tighten_box(self, step: int) -> None:
-        if not hasattr(self.field, "refit"):
-            return
         occupied = object_cells(self.renderer.occupied_cells())
         if not occupied.any():
             return
@@ -161,22 +153,8 @@ class Reconstruct:
         aabb = torch.cat([low, high])
         if float((high - low).prod() / (old[3:] - old[:3]).prod()) > 0.9:
             return  # hardly smaller: not worth a resample
-        self.field.refit(aabb, getattr(self.field, "resolution_at", lambda s: None)(step))
-        self.renderer = VolumeRenderer(aabb, self.config.render, step_size=self.renderer.step_size)
-        self.renderer.update_occupancy(self.field, 0)
-        self.new_optimizer()
-        self.run.log(f"step {step}: scene box tightened to {[round(v, 3) for v in aabb.tolist()]}")
-
-    def new_optimizer(self) -> None:
-        self.optimizer = fields.make_optimizer(self.field)
-        self.base_lrs = [g["lr"].clone() if torch.is_tensor(g["lr"]) else g["lr"] for g in self.optimizer.param_groups]
-
-    def decay_learning_rates(self, step: int) -> None:
-        if self.config.train.lr_decay == 1.0:
-            return
-        scale = self.config.train.lr_decay ** min(1.0, step / max(1, self.run.recipe.settings.steps))
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * scale
+        if self.trainer.refit(aabb, step):
+            self.run.log(f"step {step}: scene box tightened to {[round(v, 3) for v in aabb.tolist()]}")
 
     def sample_rays(self, rays: int):
         """Random training pixels, s x s rays each (``render.supersample``; silhouette pixels
@@ -211,18 +189,10 @@ class Reconstruct:
         return origins, dirs, target, background[ray_pixel], index, ray_pixel
 
     def state_dict(self) -> dict:
-        return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
-                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state(),
-                "pixel_error": self.pixel_error}
+        return {**self.trainer.state_dict(), "pixel_error": self.pixel_error}
 
     def load_state_dict(self, state: dict) -> None:
-        fields.load_state(self.field, state["field"])
-        if not torch.equal(self.field.aabb, self.renderer.aabb):  # the box was tightened before the checkpoint
-            self.renderer = VolumeRenderer(self.field.aabb, self.config.render, step_size=self.renderer.step_size)
-        self.new_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.renderer.load_state_dict(state["renderer"])
-        self.generator.set_state(state["generator"])
+        self.trainer.load_state_dict(state)
         self.pixel_error = state["pixel_error"].to(self.pixel_error.device)
 
     # --- evaluation and outputs --------------------------------------------------------------
@@ -243,56 +213,28 @@ class Reconstruct:
             rgb[pixels] = pixel_means(fine.rgb, len(pixels))
         return rgb.reshape(h, w, 3).clamp(0, 1).cpu().numpy()
 
-    def test_images(self, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def evaluate(self) -> dict[str, float]:
+        return quick_psnr(self.run, self.outputs(None), self.config.eval_views)
+
+    def outputs(self, train) -> StageOutputs:
+        views = self.data.train.cameras
+        radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
+        center = tuple(((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist())
+        metrics = {}
+        if train is not None:
+            metrics["samples_per_ray"] = round(train.last_metrics.get("samples_per_ray", float("nan")), 2)
         test = self.data.test
-        cameras = test.cameras.to(self.run.device)
-        count = len(test.names) if limit is None else min(limit, len(test.names))
-        bg = np.asarray(self.config.train.background, dtype=np.float32)
-        preds, truths = [], []
-        for i in range(count):
-            rgba = test.images[i].numpy()
-            truths.append(rgba[..., :3] * rgba[..., 3:] + bg * (1 - rgba[..., 3:]))
-            preds.append(self.render_view(cameras, i))
-        return preds, truths
-
-    def evaluate(self, limit: int | None = None) -> dict[str, float]:
-        preds, truths = self.test_images(self.config.eval_views if limit is None else limit)
-        if not preds:
-            return {}
-        return {"psnr_test": float(np.mean([psnr(p, t) for p, t in zip(preds, truths)]))}
-
-    def finish(self, train) -> dict:
-        metrics: dict = {}
-        preds, truths = self.test_images()
-        if preds:
-            from skimage.metrics import structural_similarity
-
-            metrics["psnr_test"] = round(float(np.mean([psnr(p, t) for p, t in zip(preds, truths)])), 3)
-            metrics["ssim_test"] = round(float(np.mean([structural_similarity(p, t, channel_axis=2, data_range=1.0)
-                                                        for p, t in zip(preds, truths)])), 4)
-            metrics["test_views"] = len(preds)
-            self.write_comparison(preds, truths)
-        metrics["samples_per_ray"] = round(train.last_metrics.get("samples_per_ray", float("nan")), 2)
-        metrics["renderer"] = self.renderer.path
-        settings = self.config.export
-        if settings.level is None:
-            settings = replace(settings, level=self.surface_level())
-        metrics["export_level"] = round(settings.level, 3)
-        mesh, files, seconds = timed_export(self.field, settings, self.run.out_dir)
-        metrics.update(export_seconds=round(seconds, 2), mesh_vertices=len(mesh.vertices), mesh_faces=len(mesh.faces))
-        truth = self.data.ground_truth_mesh
-        if truth is not None:
-            metrics["chamfer"] = round(chamfer(mesh, truth), 5)
-        self.write_turntable()
-        self.run.hooks.gen3d_on_export(run=self.run, paths=files)
-        self.run.log("wrote " + ", ".join(p.name for p in files) + ", turntable.gif, test_views.png")
-        return metrics
+        return StageOutputs(
+            field=self.field, renderer=self.renderer, render_view=self.render_view,
+            orbit=Orbit(radius, fov_of(views), max(views.width, 64), self.config.turntable_elevation, center),
+            held_out=HeldOutViews(test.cameras, test.images, self.config.train.background) if len(test.names) else None,
+            silhouettes=self.silhouettes, ground_truth_mesh=self.data.ground_truth_mesh, metrics=metrics)
 
     @torch.no_grad()
-    def surface_level(self, rays: int = 32768) -> float:
-        """The marching-cubes level whose surface has the training images' silhouettes (alpha
-        > 0.5 at the pixel centre; for images without alpha, the field's own rendered opacity),
-        from random training pixels drawn with a fixed seed, so a resumed run exports the same mesh."""
+    def silhouettes(self, rays: int = 32768) -> Silhouettes:
+        """Random training pixels drawn with a fixed seed (so a resumed run exports the same mesh),
+        covered where their alpha is over 0.5 at the pixel centre; for images without alpha, where
+        the field's own rendered opacity is."""
         device = self.pixels.device
         pick = torch.randint(len(self.pixels), (min(rays, len(self.pixels)),), device=device,
                              generator=torch.Generator(device=device).manual_seed(0))
@@ -302,31 +244,7 @@ class Reconstruct:
             covered = self.pixels[pick, 3] > 0.5
         else:
             covered = self.renderer.render_chunked(self.field, origins, dirs, self.background).opacity > 0.5
-        level = level_from_silhouettes(self.renderer, self.field, origins, dirs, covered)
-        if level is None:
-            raise Gen3DError("cannot choose export.level: the training views show too little of the object, or "
-                             "too little empty background around it, to match silhouettes; set export.level")
-        return level
-
-    def write_comparison(self, preds, truths) -> None:
-        k = min(self.config.preview.test_images, len(preds))
-        if k == 0:
-            return
-        grid = np.concatenate([np.concatenate(preds[:k], axis=1), np.concatenate(truths[:k], axis=1)], axis=0)
-        with atomic_path(self.run.path("test_views.png")) as tmp:
-            iio.imwrite(tmp, to_uint8(grid), extension=".png")
-
-    def write_turntable(self) -> None:
-        frames = self.config.preview.turntable_frames
-        if frames <= 0:
-            return
-        views = self.data.train.cameras
-        radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
-        fov = 2 * math.atan(0.5 * views.width / float(views.fx[0]))
-        center = ((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist()
-        cameras = orbit(frames, radius, self.config.preview.elevation, fov, max(views.width, 64), center)
-        cameras = cameras.to(self.run.device)
-        write_gif(self.run.path("turntable.gif"), [self.render_view(cameras, i) for i in range(frames)])
+        return Silhouettes(origins, dirs, covered)
 
 
 def near_silhouette(opacity: torch.Tensor, change: float = 0.1) -> torch.Tensor:
@@ -353,24 +271,6 @@ def object_cells(occupied: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.isin(labels, keep))
 
 
-def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(-10 * np.log10(max(float(np.mean((pred - truth) ** 2)), 1e-10)))
-
-
-def chamfer(mesh, truth_path: Path, samples: int = 100_000, seed: int = 0) -> float:
-    """Symmetric Chamfer distance (mean of both directions' mean nearest-neighbour distance),
-    in units of the ground truth's bounding radius (half its bounding-box diagonal)."""
-    import trimesh
-
-    truth = trimesh.load(truth_path, force="mesh", process=False)
-    a, _ = trimesh.sample.sample_surface(mesh, samples, seed=seed)
-    b, _ = trimesh.sample.sample_surface(truth, samples, seed=seed + 1)
-    radius = 0.5 * float(np.linalg.norm(truth.bounds[1] - truth.bounds[0]))
-    d_ab = cKDTree(b).query(a)[0].mean()
-    d_ba = cKDTree(a).query(b)[0].mean()
-    return float(0.5 * (d_ab + d_ba) / radius)
-
-
 def build(config: ReconstructConfig, *, run) -> Reconstruct:
     return Reconstruct(config, run)
 
@@ -378,4 +278,4 @@ def build(config: ReconstructConfig, *, run) -> Reconstruct:
 @hookimpl
 def gen3d_loops():
     return [Component("nerf-reconstruct", build, ReconstructConfig,
-                      "fit a radiance field to posed images; PSNR on held-out views; mesh export")]
+                      "fit a radiance field to posed images; PSNR on held-out views; mesh export", needs=NEEDS)]

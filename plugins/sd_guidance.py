@@ -14,7 +14,6 @@ one by one from their subfolders, so nothing else of the pipeline (safety checke
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from gen3d import hookimpl
-from gen3d.errors import ConfigError
-from gen3d.guidance import GuidanceInput, GuidanceOutput
-from gen3d.hub import load_pretrained, pick_dtype, resolve
-from gen3d.prompts import EmbeddingCache
-from gen3d.specs import Component
+from gen3d import (Component, ConfigError, EmbeddingCache, GuidanceInput, GuidanceOutput, hookimpl,
+                   load_pretrained, pick_dtype, resolve, sample_timesteps, sds_loss, sds_weights, t_range)
 
 KEY = "guidance.model"
 TEXT_TO_IMAGE = {"StableDiffusionPipeline"}  # SD 1.x / 2.x layout: one CLIP text encoder, a 4-channel UNet
@@ -89,16 +84,6 @@ def cpu_cost_warning(unet_parameters: int, device: torch.device) -> str | None:
 def combine_cfg(eps_uncond: torch.Tensor, eps_text: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: move from the unconditional prediction towards the text one."""
     return eps_uncond + scale * (eps_text - eps_uncond)
-
-
-def t_range(config: StableDiffusionConfig, step: int, total_steps: int) -> tuple[float, float]:
-    """The [low, high] fraction of the diffusion time to sample from at this step."""
-    if config.t_anneal == "none" or total_steps <= 1:
-        return config.t_min, config.t_max
-    progress = min(1.0, step / (total_steps - 1))
-    if config.t_anneal == "sqrt":
-        progress = math.sqrt(progress)
-    return config.t_min, config.t_max + (config.t_max_end - config.t_max) * progress
 
 
 class StableDiffusionGuidance:
@@ -175,18 +160,11 @@ class StableDiffusionGuidance:
         return posterior.sample(generator=generator) * self.vae.config.scaling_factor
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
-        alpha = self.alphas[t]
-        if self.config.weighting == "one_minus_alpha":  # DreamFusion's w(t) = sigma_t^2 of the VP process
-            return 1 - alpha
-        if self.config.weighting == "sigma_squared":  # the VE noise variance (1 - abar) / abar
-            return (1 - alpha) / alpha
-        return torch.ones_like(alpha)
+        return sds_weights(self.alphas, t, self.config.weighting)
 
     def sample_t(self, batch: int, step: int, total_steps: int, generator: torch.Generator | None = None):
         low, high = t_range(self.config, step, total_steps)
-        last = self.num_train_timesteps - 1
-        t_low, t_high = round(low * last), max(round(low * last), round(high * last))
-        return torch.randint(t_low, t_high + 1, (batch,), generator=generator).to(self.device)
+        return sample_timesteps(low, high, self.num_train_timesteps, batch, generator).to(self.device)
 
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                       uncond: torch.Tensor) -> torch.Tensor:
@@ -228,13 +206,6 @@ class StableDiffusionGuidance:
         grad = self.sds_gradient(latents, cond, uncond, t, noise)
         loss = self.config.weight * sds_loss(latents, grad)
         return GuidanceOutput(loss, {"sds_t": float(t.float().mean()), "sds_grad": float(grad.norm())})
-
-
-def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A loss whose gradient w.r.t. ``latents`` is ``grad`` / batch size (the SDS gradient,
-    averaged over the batch): d/dz 0.5 ||z - stopgrad(z - grad)||^2 = grad."""
-    target = (latents - grad).detach()
-    return 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)
 
 
 def build(config: StableDiffusionConfig, *, device: torch.device | str = "cpu") -> StableDiffusionGuidance:

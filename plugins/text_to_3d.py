@@ -16,23 +16,16 @@ differences of its density.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen3d import fields, hookimpl
-from gen3d.cameras import orbit, random_views
-from gen3d.config import Choice, choice
-from gen3d.errors import ConfigError, Gen3DError
-from gen3d.export import MeshSettings, level_from_silhouettes, timed_export
-from gen3d.io import write_gif
-from gen3d.prompts import ViewPrompts, view_prompts
-from gen3d.guidance import GuidanceInput, ViewAngles
-from gen3d.render import RenderSettings, VolumeRenderer, binary_entropy, cell_max_density
-from gen3d.specs import Component
+from gen3d import (Choice, Component, ConfigError, FieldTrainer, GuidanceInput, Orbit, RenderSettings, StageOutputs,
+                   ViewAngles, ViewPrompts, binary_entropy, choice, hookimpl, random_views, view_prompts)
 
 
 @dataclass
@@ -94,9 +87,8 @@ class Regularisers:
 
 @dataclass
 class PreviewSettings:
-    turntable_frames: int = 36
-    size: int = 128
-    elevation: float = 15.0
+    size: int = 128  # turntable side (preview.size overrides it)
+    elevation: float = 15.0  # degrees (preview.elevation overrides it)
 
 
 @dataclass
@@ -111,8 +103,7 @@ class TextTo3DConfig:
     background: BackgroundSettings = field(default_factory=BackgroundSettings)
     regularisers: Regularisers = field(default_factory=Regularisers)
     render: RenderSettings = field(default_factory=RenderSettings)
-    export: MeshSettings = field(default_factory=MeshSettings)
-    preview: PreviewSettings = field(default_factory=PreviewSettings)
+    turntable: PreviewSettings = field(default_factory=PreviewSettings)
 
     def __post_init__(self) -> None:
         if self.box <= 0:
@@ -130,6 +121,9 @@ class LearnedBackground(nn.Module):
         return torch.sigmoid(self.net(dirs))
 
 
+NEEDS = ("radiance",)  # what the loop asks of its representation
+
+
 class TextTo3D:
     def __init__(self, config: TextTo3DConfig, run):
         if not config.prompt.strip():
@@ -137,24 +131,36 @@ class TextTo3D:
                               "on the command line or a prompt: key to the recipe")
         self.config, self.run = config, run
         device = run.device
-        self.total_steps = run.recipe.settings.steps
-        self.generator = torch.Generator().manual_seed(run.recipe.settings.seed)
+        self.total_steps = run.steps
         self.aabb = torch.tensor([-config.box] * 3 + [config.box] * 3, device=device)
-        self.renderer = VolumeRenderer(self.aabb, config.render)
-        self.field = fields.build(config.representation, self.aabb, self.renderer.step_size)
-        self.optimizer = fields.make_optimizer(self.field)
+        # The guidance's draws (timesteps, noise, crops) come from a CPU generator: reproducible on any device.
+        self.trainer = FieldTrainer(run, config.representation, self.aabb, config.render, needs=NEEDS,
+                                    generator_device="cpu", loop_name="text-to-3d")
+        if run.stage.init_from:
+            how = self.trainer.init_from(run.field_of(run.stage.init_from))
+            run.log(f"field initialised from stage {run.stage.init_from!r} by {how}")
         self.guidance = config.guidance.build(device=device)
         self.background = LearnedBackground().to(device)
         self.background_optimizer = torch.optim.Adam(self.background.parameters(), lr=config.background.lr)
         run.log(f"prompt: {config.prompt!r}; guidance: {config.guidance.type}; renderer: {self.renderer.path}")
 
+    @property
+    def field(self):
+        return self.trainer.field
+
+    @property
+    def renderer(self):
+        return self.trainer.renderer
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.trainer.generator
+
     # --- one step ---------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        if fields.grow(self.field, step):
-            self.optimizer = fields.make_optimizer(self.field)
-        occupied = self.renderer.update_occupancy(self.field, step)
+        occupied = self.trainer.prepare(step)
         size = cfg.cameras.size_at_step(step)
         views = self.sample_views(cfg.cameras.batch, size)
         origins, dirs = self.view_rays(views.cameras)
@@ -166,17 +172,16 @@ class TextTo3D:
         out = self.renderer.render(self.field, origins, dirs, background, stratified=True, shader=shader)
         images = out.rgb.view(len(views.cameras), size, size, 3).permute(0, 3, 1, 2)
         prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
-        guided = self.guidance(GuidanceInput(images, prompts, views.cameras, ViewAngles(views.elevation, views.azimuth,
-                                                                                         views.distance),
-                                             step, self.total_steps, generator=self.generator))
+        angles = ViewAngles(views.elevation, views.azimuth, views.distance)
+        guided = self.guidance(GuidanceInput(images, prompts, views.cameras, angles, step, self.total_steps,
+                                             generator=self.generator))
         loss = guided.loss + self.regularisers(out, dirs, shader.normals)
-        own = fields.regularizer(self.field, step)
+        own = self.trainer.regularizer(step)
         if own is not None:  # the representation's own (e.g. total variation)
             loss = loss + own
-        self.optimizer.zero_grad(set_to_none=True)
         self.background_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.trainer.backward(loss)
+        self.trainer.optimizer_step(step)
         if cfg.background.kind == "learned":
             self.background_optimizer.step()
         metrics = {"loss": loss.item(), "opacity": float(out.opacity.detach().mean()),
@@ -237,17 +242,11 @@ class TextTo3D:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"field": fields.state(self.field), "optimizer": self.optimizer.state_dict(),
-                "renderer": self.renderer.state_dict(), "generator": self.generator.get_state(),
-                "background": self.background.state_dict(),
+        return {**self.trainer.state_dict(), "background": self.background.state_dict(),
                 "background_optimizer": self.background_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        fields.load_state(self.field, state["field"])
-        self.optimizer = fields.make_optimizer(self.field)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.renderer.load_state_dict(state["renderer"])
-        self.generator.set_state(state["generator"])
+        self.trainer.load_state_dict(state)
         self.background.load_state_dict(state["background"])
         self.background_optimizer.load_state_dict(state["background_optimizer"])
 
@@ -256,52 +255,22 @@ class TextTo3D:
 
     # --- outputs ------------------------------------------------------------------------------
 
-    def finish(self, train) -> dict:
-        settings = self.config.export
-        metrics: dict = {"prompt": self.config.prompt, "renderer": self.renderer.path,
-                         "final_loss": round(train.last_metrics.get("loss", float("nan")), 5)}
-        if settings.level is None:
-            settings = replace(settings, level=self.surface_level())
-        metrics["export_level"] = round(settings.level, 4)
-        mesh, files, seconds = timed_export(self.field, settings, self.run.out_dir)
-        metrics.update(export_seconds=round(seconds, 2), mesh_vertices=len(mesh.vertices), mesh_faces=len(mesh.faces))
-        self.write_turntable()
-        self.run.hooks.gen3d_on_export(run=self.run, paths=files)
-        self.run.log("wrote " + ", ".join(p.name for p in files) + ", turntable.gif")
-        return metrics
-
-    @torch.no_grad()
-    def surface_level(self, views: int = 8) -> float:
-        """The level whose surface has the silhouettes of the field's own renderings (opacity >
-        0.5) in random views. A field with no such silhouette yet falls back to half its highest density."""
-        size = self.config.preview.size // 2
-        sample = self.sample_views(views, size)
-        origins, dirs = self.view_rays(sample.cameras)
-        opacity = self.renderer.render_chunked(self.field, origins, dirs, torch.zeros(3, device=origins.device)).opacity
-        level = level_from_silhouettes(self.renderer, self.field, origins, dirs, opacity > 0.5)
-        if level is not None:
-            return level
-        peak = float(cell_max_density(self.field, self.config.render.occupancy_resolution).max())
-        if peak <= 0:
-            raise Gen3DError("the field is empty: nothing to export (train longer, or set export.level)")
-        self.run.log(f"no opaque view yet: exporting at half the peak density ({peak / 2:.3g})")
-        return peak / 2
-
-    @torch.no_grad()
-    def write_turntable(self) -> None:
-        p = self.config.preview
-        if p.turntable_frames <= 0:
-            return
-        c = self.config.cameras
+    def outputs(self, train) -> StageOutputs:
+        c, p = self.config.cameras, self.config.turntable
         distance = 0.5 * (c.distance[0] + c.distance[1]) * self.config.box
-        cameras = orbit(p.turntable_frames, distance, p.elevation, math.radians(sum(c.fov) / 2), p.size)
-        cameras = cameras.to(self.run.device)
-        frames = []
-        for i in range(len(cameras)):
-            origins, dirs = cameras.image_rays(i)
-            out = self.renderer.render_chunked(self.field, origins, dirs, self.preview_background(dirs))
-            frames.append(out.rgb.view(p.size, p.size, 3).cpu().numpy())
-        write_gif(self.run.path("turntable.gif"), frames)
+        metrics = {"prompt": self.config.prompt}
+        if train is not None:
+            metrics["final_loss"] = round(train.last_metrics.get("loss", float("nan")), 5)
+        # No silhouettes to match: the core places the surface by the field's own opacity.
+        return StageOutputs(field=self.field, renderer=self.renderer, render_view=self.render_view,
+                            orbit=Orbit(distance, math.radians(sum(c.fov) / 2), p.size, p.elevation),
+                            metrics=metrics)
+
+    @torch.no_grad()
+    def render_view(self, cameras, index: int) -> np.ndarray:
+        origins, dirs = cameras.image_rays(index)
+        out = self.renderer.render_chunked(self.field, origins, dirs, self.preview_background(dirs))
+        return out.rgb.view(cameras.height, cameras.width, 3).clamp(0, 1).cpu().numpy()
 
     def preview_background(self, dirs: torch.Tensor) -> torch.Tensor:
         if self.config.background.kind == "learned":
@@ -348,4 +317,5 @@ def build(config: TextTo3DConfig, *, run) -> TextTo3D:
 @hookimpl
 def gen3d_loops():
     return [Component("text-to-3d", build, TextTo3DConfig,
-                      "DreamFusion-style text-to-3D: random views, shading modes, guidance (SDS or CLIP), mesh export")]
+                      "DreamFusion-style text-to-3D: random views, shading modes, guidance (SDS or CLIP), mesh export",
+                      needs=NEEDS)]

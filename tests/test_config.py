@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gen3d.errors import ConfigError
-from gen3d.recipe import load_recipe, parse_override
+from gen3d import load_recipe, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "nerf-reconstruct.yaml"
@@ -19,7 +19,7 @@ def write(tmp_path, text: str) -> Path:
 
 def test_shipped_recipe_resolves_with_defaults():
     recipe = load_recipe(RECIPE)
-    assert recipe.settings.loop == "nerf-reconstruct"
+    assert recipe.first.loop == "nerf-reconstruct"
     assert recipe.loop.representation.type == "grid-nerf"
     assert recipe.loop.representation.config.resolutions == [48, 80, 128]
     # Paths in the YAML resolve against the recipe's folder.
@@ -32,9 +32,9 @@ def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(RECIPE, ["steps=200", "representation.lr=0.05", "data.path=elsewhere",
                                   "export.formats=[glb]", "max_seconds=null"])
-    assert recipe.settings.steps == 200 and recipe.settings.max_seconds is None
+    assert recipe.first.steps == 200 and recipe.first.max_seconds is None
     assert recipe.loop.representation.config.lr == 0.05
-    assert recipe.loop.export.formats == ["glb"]
+    assert recipe.first.export.formats == ["glb"]
     # Command-line paths resolve against the working directory.
     assert recipe.loop.data.config.path == (tmp_path / "elsewhere").resolve()
 
@@ -48,7 +48,9 @@ def test_overrides_use_dotted_keys_and_yaml_values(tmp_path, monkeypatch):
     (["representation.type=grid-nerv"], "unknown representation 'grid-nerv'. Did you mean 'grid-nerf'?"),
     (["train.random_background=maybe"], "train.random_background: expected true or false"),
     (["device=tpu"], "device: expected one of 'auto', 'cpu', 'cuda'"),
-    (["export.formats=[glb, usdz]"], None),  # checked when exporting (plugins may add formats)
+    (["export.formats=[glb, usdz]"], "export.formats: unknown exporter 'usdz'. Known exporters: glb"),
+    (["export.options.xyz.precision=3"], "export.options.xyz: options for 'xyz', which is not in export.formats"),
+    (["export.options.glb.foo=3"], "export.options.glb: exporter 'glb' takes no settings"),
     (["representation.upsample_at=[10]"], "upsample_at needs 2 steps"),
     (["render.pixel_filter=gauss"], "render.pixel_filter: expected one of 'box', 'blackman-harris'"),
     (["render.pixel_filter_width=0"], "pixel filter width is in pixels, above 0"),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from conftest import blender_import, validate_gltf
+from gen3d.colors import srgb_to_linear
 from gen3d.errors import ConfigError, Gen3DError
 from gen3d.export import MeshSettings, export_mesh, extract_mesh, level_from_silhouettes
 from gen3d.render import RenderSettings, VolumeRenderer
@@ -85,28 +89,65 @@ def test_extracted_mesh_matches_the_field(exported):
     assert colors[top, 2].mean() > 180 and colors[bottom, 0].mean() > 180
 
 
-def test_files_written_and_y_up(exported):
+def test_files_written_each_in_its_formats_orientation(exported):
     mesh, out, files = exported
     assert sorted(p.name for p in files) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.ply"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
-    ply = trimesh.load(out / "mesh.ply", process=False)
-    extent = ply.bounds[1] - ply.bounds[0]
-    assert extent[1] == pytest.approx(1.6, abs=0.05)  # world Z became the file's Y
-    assert len(np.unique(ply.visual.vertex_colors[:, 2])) > 10
+    # The ellipsoid is tall along world Z: glTF and OBJ are written Y up, PLY Z up as it is.
+    tall_axis = {}
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
+        loaded = trimesh.load(out / name, force="mesh", process=False)
+        extent = loaded.bounds[1] - loaded.bounds[0]
+        assert sorted(extent) == pytest.approx(sorted(mesh.extents), abs=1e-4), name
+        tall_axis[name] = "XYZ"[int(np.argmax(extent))]
+    assert tall_axis == {"mesh.glb": "Y", "mesh.obj": "Y", "mesh.ply": "Z"}
     obj_text = (out / "mesh.obj").read_text()
     assert "mtllib mesh.mtl" in obj_text and "usemtl gen3d_vertex_colors" in obj_text
 
 
-def test_glb_passes_the_khronos_validator(exported, gltf_validator):
+def read_glb_accessor(path, attribute: str) -> tuple[np.ndarray, dict]:
+    """One vertex attribute of a GLB's first primitive, as floats (normalized integers scaled to 0..1),
+    and its accessor."""
+    data = path.read_bytes()
+    (json_length,) = struct.unpack_from("<I", data, 12)
+    gltf = json.loads(data[20:20 + json_length])
+    binary = data[28 + json_length:]  # after the JSON chunk and the BIN chunk's own 8-byte header
+    accessor = gltf["accessors"][gltf["meshes"][0]["primitives"][0]["attributes"][attribute]]
+    view = gltf["bufferViews"][accessor["bufferView"]]
+    dtype = np.dtype({5121: "<u1", 5123: "<u2", 5126: "<f4"}[accessor["componentType"]])
+    width = {"VEC3": 3, "VEC4": 4}[accessor["type"]]
+    values = np.frombuffer(binary, dtype, accessor["count"] * width, view["byteOffset"] + accessor.get("byteOffset", 0))
+    values = values.reshape(-1, width).astype(np.float64)
+    return (values / np.iinfo(dtype).max if accessor.get("normalized") else values), accessor
+
+
+def test_colours_in_each_formats_colour_space(exported):
+    mesh, out, _ = exported
+    srgb = mesh.visual.vertex_colors[:, :3] / 255.0
+    # glTF's COLOR_0 is linear by its specification, in 16 bits so the darks keep their steps.
+    color, accessor = read_glb_accessor(out / "mesh.glb", "COLOR_0")
+    assert accessor["componentType"] == 5123 and accessor["normalized"]
+    assert np.abs(color[:, :3] - srgb_to_linear(srgb)).max() < 1e-4
+    assert np.all(color[:, 3] == 1.0)
+    # PLY and OBJ vertex colours stay sRGB (as Blender reads them): the mesh's own values.
+    ply = trimesh.load(out / "mesh.ply", process=False)
+    assert np.array_equal(ply.visual.vertex_colors, mesh.visual.vertex_colors)
+    obj_rgb = np.array([line.split()[4:7] for line in (out / "mesh.obj").read_text().splitlines()
+                        if line.startswith("v ")], dtype=np.float64)
+    assert np.abs(obj_rgb - srgb).max() < 1e-4
+
+
+def test_glb_passes_the_khronos_validator_without_a_remark(exported, gltf_validator):
     _, out, _ = exported
     (report,) = validate_gltf([out / "mesh.glb"])
-    assert report["errors"] == 0, report
+    # Infos and hints too: bufferView.target (ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER) set on every view.
+    assert (report["errors"], report["warnings"], report["infos"], report["hints"]) == (0, 0, 0, 0), report
 
 
 @pytest.mark.blender
-def test_blender_imports_glb_and_obj_upright_with_colours(exported, blender):
+def test_blender_imports_every_format_upright_with_colours(exported, blender):
     mesh, out, _ = exported
-    for report in blender_import(blender, [out / "mesh.glb", out / "mesh.obj"]):
+    for report in blender_import(blender, [out / "mesh.glb", out / "mesh.obj", out / "mesh.ply"]):
         size = np.array(report["max"]) - np.array(report["min"])
         # Blender is Z up like our world: the tall axis must come back as Z, the sizes unchanged.
         assert size == pytest.approx(mesh.bounds[1] - mesh.bounds[0], abs=0.02), report

@@ -52,14 +52,20 @@ def test_third_party_plugin_is_listed_with_version(site, tmp_path):
 
 def test_recipe_runs_a_third_party_component(site, tmp_path):
     recipe = tmp_path / "sphere.yaml"
-    recipe.write_text("loop: fit-sphere\nsteps: 60\nrepresentation: {type: ball, radius: 0.3}\n")
+    recipe.write_text("loop: fit-sphere\nsteps: 60\nrepresentation: {type: ball, radius: 0.3}\n"
+                      "export: {resolution: 32, level: 50, formats: [xyz, glb], options: {xyz: {precision: 3}}}\n"
+                      "preview: {turntable_frames: 2}\n")
     proc = gen3d_cli(["run", str(recipe), "--out", "run", "--quiet", "lr=0.05"], site, tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 60
     assert metrics["radius"] > 0.4  # it moved towards the 0.6 target
-    assert metrics["files"] == ["mesh.glb", "mesh.xyz"]
-    assert (tmp_path / "run" / "mesh.xyz").stat().st_size > 0
+    # The loop wrote nothing itself: the core exported, previewed and measured the mesh.
+    assert metrics["mesh_faces"] > 100 and metrics["export_seconds"] >= 0
+    first = (tmp_path / "run" / "mesh.xyz").read_text().splitlines()[0]
+    assert all(len(value.split(".")[1]) == 3 for value in first.split())  # the exporter got its config
+    assert (tmp_path / "run" / "mesh.glb").stat().st_size > 0
+    assert (tmp_path / "run" / "turntable.gif").stat().st_size > 0
     resolved = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "lr: 0.05" in resolved and "type: ball" in resolved
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
@@ -111,3 +117,46 @@ def test_broken_third_party_plugin_is_named(tmp_path):
     proc = gen3d_cli(["plugins"], site, tmp_path)
     assert proc.returncode == 2
     assert "could not load gen3d plugin 'example'" in proc.stderr and "needs libfoo" in proc.stderr
+
+
+def test_a_failing_plugin_is_one_line_naming_it(site, tmp_path):
+    recipe = tmp_path / "sphere.yaml"
+    recipe.write_text("loop: fit-sphere\nsteps: 2\nexport: {resolution: 16, level: 50, formats: [xyz]}\n"
+                      "preview: {turntable_frames: 0}\n")
+    broken = site / "gen3d_example_plugin.py"
+    broken.write_text(broken.read_text().replace('f.write(" ".join(', 'f.write(undefined_name.join('))
+    proc = gen3d_cli(["run", str(recipe), "--out", "run", "--quiet"], site, tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "exporter 'xyz' from plugin example failed while writing mesh.xyz: NameError" in last, proc.stderr
+    assert "--debug" in last and "Traceback" not in proc.stderr
+    proc = gen3d_cli(["run", str(recipe), "--out", "run2", "--quiet", "--debug"], site, tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "undefined_name" in proc.stderr
+
+
+def test_exporter_settings_are_checked_before_training(site, tmp_path):
+    recipe = tmp_path / "sphere.yaml"
+    recipe.write_text("loop: fit-sphere\nsteps: 2\nexport: {formats: [xyz], options: {xyz: {precision: 12}}}\n")
+    proc = gen3d_cli(["run", str(recipe), "--out", "run", "--quiet"], site, tmp_path)
+    assert proc.returncode == 2
+    assert "export.options.xyz: precision must be 0..9 decimals, got 12" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_representation_without_what_the_loop_needs_is_refused_at_validation(site, tmp_path):
+    class Opaque:
+        @gen3d.hookimpl
+        def gen3d_representations(self):
+            return [Component("occupancy-only", lambda config, **kw: None, None, "no radiance", provides=("surface",))]
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loop: fit-sphere\nrepresentation: occupancy-only\n")
+    sys.path.insert(0, str(site))  # the example package's dist-info: its entry point is found
+    plugins.register(Opaque())
+    try:
+        with pytest.raises(Gen3DError, match="representation.type: representation 'occupancy-only' cannot be used "
+                                             "by loop 'fit-sphere': it lacks radiance"):
+            gen3d.load_recipe(recipe)
+    finally:
+        sys.path.remove(str(site))
+        plugins.unregister_all_extra()

@@ -13,11 +13,10 @@ from PIL import Image
 from skimage import data as skdata
 
 import gen3d
+from gen3d import Component, ConfigError, DataError, DepthMap
 from gen3d.cli import main
-from gen3d.errors import ConfigError, DataError
-from gen3d.images import read_image
-from gen3d.preprocess import (
-    DepthMap,
+from gen3d_plugins.photo_io import read_image
+from gen3d_plugins.preprocess_stage import (
     Preprocessor,
     centre_object,
     load_settings,
@@ -25,7 +24,6 @@ from gen3d.preprocess import (
     preprocess,
     preprocess_file,
 )
-from gen3d.specs import Component
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTS = [("toy", 0), ("toy", 7), ("toy", 20), ("plain", 3), ("plain", 12)]
@@ -311,7 +309,7 @@ def test_large_jpeg_is_decoded_small_but_outputs_stay_in_input_pixels(tmp_path, 
 
 
 def test_pixel_limits(tmp_path, monkeypatch):
-    import gen3d.images
+    import gen3d_plugins.photo_io as photo_io
 
     path = save(tmp_path / "photo.png", np.full((100, 120, 3), 90, np.uint8))
     # PIL's own guard (here lowered to 1000 px; ~179 MP by default) does not refuse big photos ...
@@ -319,7 +317,7 @@ def test_pixel_limits(tmp_path, monkeypatch):
     assert read_image(path).input_size == (120, 100)
     assert Image.MAX_IMAGE_PIXELS == 1000  # ... and is restored after reading
     # ... ours does, in one line that says why.
-    monkeypatch.setattr(gen3d.images, "MAX_PIXELS", 10000)
+    monkeypatch.setattr(photo_io, "MAX_PIXELS", 10000)
     with pytest.raises(DataError, match=r"photo.png: the image is too large to read \(120x100"):
         read_image(path)
 
@@ -369,7 +367,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import gen3d.preprocess as stage_module
+    import gen3d_plugins.preprocess_stage as stage_module
 
     photo = save(tmp_path / "photo.png", np.full((64, 64, 3), 90, np.uint8))
     taken = tmp_path / "taken"

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gen3d import ConfigError
 from gen3d.cli import main
-from gen3d.errors import ConfigError
-from gen3d.preprocess import Preprocessor, build, load_settings, preprocess_file
+from gen3d_plugins.preprocess_stage import Preprocessor, build, load_settings, mask_box, preprocess_file
 from gen3d.testing import tiny_text_config, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -285,8 +285,6 @@ def test_sam_masks_are_in_input_pixels(models):
 
 
 def test_sam_prompts_are_rescaled_to_the_model_input_and_masks_come_back_in_input_pixels(models):
-    from gen3d.preprocess import mask_box
-
     segmenter = make("segmenter", "sam", models["sam"])
     seen = {}
 

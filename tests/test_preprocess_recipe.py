@@ -11,9 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from gen3d import ConfigError, load_recipe
 from gen3d.cli import main
-from gen3d.errors import ConfigError
-from gen3d.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "preprocess.yaml"
@@ -30,14 +29,14 @@ def test_recipe_writes_the_same_outputs_as_the_command(tmp_path, capsys):
     assert main(["run", str(RECIPE), "--out", str(run), "--quiet"]) == 0
     assert main(["preprocess", str(EXAMPLE), "--out", str(command)]) == 0
     names = sorted(p.name for p in run.iterdir())
-    assert names == sorted([*OUTPUTS, "checkpoints", "metrics.json", "recipe.yaml"])
+    assert names == sorted([*OUTPUTS, "metrics.json", "recipe.yaml"])  # a stage that does not train: no checkpoints
     for name in ("rgba.png", "mask.png"):
         assert np.array_equal(pixels(run / name), pixels(command / name)), name
     info = json.loads((run / "detections.json").read_text())
     assert info["input"] == str(EXAMPLE) and info["input_size"] == list(Image.open(EXAMPLE).size)
     assert info["chosen"] == json.loads((command / "detections.json").read_text())["chosen"]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 1 and metrics["object"] == "object" and metrics["unsure"] is False
+    assert "steps" not in metrics and metrics["object"] == "object" and metrics["unsure"] is False
     assert metrics["object_box"] == info["object_box"]
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["loop"] == "preprocess" and resolved["image"] == str(EXAMPLE)
@@ -46,9 +45,9 @@ def test_recipe_writes_the_same_outputs_as_the_command(tmp_path, capsys):
 def test_image_on_the_command_line_is_relative_to_the_cwd(tmp_path, monkeypatch):
     shutil.copy(EXAMPLE, tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe(RECIPE, ["image=photo.jpg", "prompt=a toy", "size=64", "detector.iterations=2"])
-    assert recipe.loop.image == tmp_path / "photo.jpg" and recipe.loop.prompts == ["a toy"]
-    assert recipe.loop.size == 64 and recipe.loop.detector.config.iterations == 2
+    loop = load_recipe(RECIPE, ["image=photo.jpg", "prompt=a toy", "size=64", "detector.iterations=2"]).stages[0].loop
+    assert loop.image == tmp_path / "photo.jpg" and loop.prompts == ["a toy"]
+    assert loop.size == 64 and loop.detector.config.iterations == 2
     assert main(["run", str(RECIPE), "image=photo.jpg", "size=64", "--out", "out", "--quiet"]) == 0
     assert Image.open(tmp_path / "out" / "rgba.png").size == (64, 64)
     assert json.loads((tmp_path / "out" / "detections.json").read_text())["input"] == str(tmp_path / "photo.jpg")
@@ -60,7 +59,7 @@ def test_recipe_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="depth.type: unknown preprocessor 'depth-anythin'"):
         load_recipe(RECIPE, ["depth=depth-anythin"])
     bare = tmp_path / "bare.yaml"
-    bare.write_text("loop: preprocess\nsteps: 1\n")
+    bare.write_text("loop: preprocess\n")
     with pytest.raises(ConfigError, match="bare.yaml: image: missing required setting"):
         load_recipe(bare)
     assert main(["run", str(RECIPE), f"image={tmp_path / 'nowhere.jpg'}", "--out", str(tmp_path / "o"),

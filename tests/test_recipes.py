@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 from gen3d.errors import ConfigError
 from gen3d.plugins import get_component
-from gen3d.recipe import load_recipe
+from gen3d import load_recipe
 
 # Keys a recipe leaves for the command line.
 REQUIRED = {"dreamfusion.yaml": ["prompt=a hamburger"], "clip-nerf.yaml": ["prompt=a red ball"]}
@@ -24,10 +24,10 @@ def test_the_shipped_recipes_are_the_documented_ones():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_validates(name):
     recipe = load_recipe(ROOT / "recipes" / name, REQUIRED.get(name, []))
-    assert get_component("loop", recipe.settings.loop)
-    assert recipe.settings.steps >= 1
+    assert get_component("loop", recipe.first.loop)
+    assert recipe.first.steps >= 1
     # The resolved recipe (what a run folder keeps) reads back to the same settings.
-    assert "loop: " + recipe.settings.loop in recipe.to_yaml()
+    assert "loop: " + recipe.first.loop in recipe.to_yaml()
 
 
 def test_a_misspelt_key_in_a_text_recipe_is_named(tmp_path):

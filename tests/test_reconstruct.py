@@ -15,8 +15,8 @@ import trimesh
 
 from conftest import ROOT, blender_import, validate_gltf
 from gen3d.io import load_checkpoint
-from gen3d.recipe import load_recipe
-from gen3d.trainer import run_recipe
+from gen3d import load_recipe
+from gen3d import run_recipe
 
 RECIPE = ROOT / "recipes" / "nerf-reconstruct.yaml"
 # Small and quick: the 32 px data set, coarse grids, a 64^3 export.
@@ -125,12 +125,10 @@ def test_cli_errors_are_one_line(small_dataset, tmp_path):
 
 
 def test_error_sampling_draws_rays_where_the_error_is(small_dataset, tmp_path):
-    from gen3d.plugins import get_component
-    from gen3d.trainer import Run
+    from gen3d.testing import build_loop
 
     rec = small_recipe(small_dataset, "train.error_sampling=0.5", "render.edge_supersample=1", "steps=3")
-    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
-    loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+    loop = build_loop(rec, tmp_path)
     hard = torch.arange(100, 110)
     loop.pixel_error.zero_()
     loop.pixel_error[hard] = 1.0
@@ -142,25 +140,22 @@ def test_error_sampling_draws_rays_where_the_error_is(small_dataset, tmp_path):
 
 
 def test_learning_rates_fall_with_the_step_count(small_dataset, tmp_path):
-    from gen3d.plugins import get_component
-    from gen3d.trainer import Run
+    from gen3d.testing import build_loop
 
     rec = small_recipe(small_dataset, "train.lr_decay=0.01", "steps=100")
-    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
-    loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
-    start = loop.optimizer.param_groups[0]["lr"].clone()
+    loop = build_loop(rec, tmp_path)
+    start = loop.trainer.optimizer.param_groups[0]["lr"].clone()
     loop.step(50)
-    assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.1)  # 0.01 ** (50 / 100)
+    assert torch.allclose(loop.trainer.optimizer.param_groups[0]["lr"], start * 0.1)  # 0.01 ** (50 / 100)
     loop.step(59)  # the next stage's fresh optimiser starts where the schedule is, not at the top
     loop.step(60)
-    assert torch.allclose(loop.optimizer.param_groups[0]["lr"], start * 0.01 ** 0.6)
+    assert torch.allclose(loop.trainer.optimizer.param_groups[0]["lr"], start * 0.01 ** 0.6)
     with pytest.raises(Exception, match="lr_decay"):
         small_recipe(small_dataset, "train.lr_decay=0")
 
 
 def test_opacity_entropy_makes_rays_hit_or_miss(small_dataset, tmp_path):
-    from gen3d.plugins import get_component
-    from gen3d.trainer import Run
+    from gen3d.testing import build_loop
     from gen3d.render import binary_entropy
 
     assert binary_entropy(torch.tensor([0.0, 1.0])).max() < 1e-3
@@ -168,8 +163,7 @@ def test_opacity_entropy_makes_rays_hit_or_miss(small_dataset, tmp_path):
 
     def haze_after_training(weight: float, folder: Path) -> float:
         rec = small_recipe(small_dataset, f"train.opacity_entropy={weight}", "steps=40", "seed=3")
-        run = Run(out_dir=folder, recipe=rec, device=torch.device("cpu"), quiet=True)
-        loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+        loop = build_loop(rec, folder)
         for step in range(40):
             loop.step(step)
         origins, dirs, _, background, *_ = loop.sample_rays(4096)
@@ -220,14 +214,12 @@ class HardSphere(torch.nn.Module):
 def test_silhouette_pixels_get_more_rays_in_training_and_evaluation(small_dataset, tmp_path):
     from dataclasses import replace
 
-    from gen3d.plugins import get_component
     from gen3d.render import VolumeRenderer
-    from gen3d.trainer import Run
+    from gen3d.testing import build_loop
     from gen3d_plugins.reconstruct import near_silhouette
 
     rec = small_recipe(small_dataset, "render.edge_supersample=3", "steps=3")
-    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
-    loop = get_component("loop", "nerf-reconstruct").factory(rec.loop, run=run)
+    loop = build_loop(rec, tmp_path)
     alpha = loop.pixels[:, 3]
     assert loop.edge_pixels[(alpha > 0.05) & (alpha < 0.95)].all()  # every partly covered pixel
     assert 0 < loop.edge_pixels.float().mean() < 0.3  # and not much more

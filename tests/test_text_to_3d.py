@@ -14,10 +14,10 @@ from gen3d import hookimpl
 from gen3d.errors import ConfigError
 from gen3d.io import load_checkpoint
 from gen3d.plugins import get_component
-from gen3d.recipe import load_recipe
+from gen3d import load_recipe
 from gen3d.specs import Component
 from gen3d.testing import guidance_batch
-from gen3d.trainer import run_recipe
+from gen3d import run_recipe
 
 # Small and quick: 32 px views, a coarse grid, a 64^3 export, a short turntable.
 SMALL = ["cameras.sizes=[32]", "cameras.size_at=[]", "representation.resolutions=[24, 32]", "representation.upsample_at=[10]",
@@ -81,12 +81,11 @@ def test_the_guidance_itself_moves_the_field(tiny_clip, tmp_path):
 
 
 def test_sds_gradient_reaches_the_field(tiny_sd, tmp_path):
-    from gen3d.trainer import Run
+    from gen3d.testing import build_loop
 
     rec = recipe("dreamfusion.yaml", tiny_sd, "prompt=a hamburger", "regularisers.entropy=0",
                  "regularisers.orientation=0", "shading.albedo_only_steps=0")
-    run = Run(out_dir=tmp_path, recipe=rec, device=torch.device("cpu"), quiet=True)
-    loop = get_component("loop", "text-to-3d").factory(rec.loop, run=run)
+    loop = build_loop(rec, tmp_path)
     views = loop.sample_views(1, 32)
     origins, dirs = loop.view_rays(views.cameras)
     out = loop.renderer.render(loop.field, origins, dirs, torch.ones(3))

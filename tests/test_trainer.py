@@ -12,8 +12,9 @@ import torch
 from gen3d import plugins
 from gen3d.errors import Gen3DError, TrainingDiverged
 from gen3d.io import load_checkpoint
-from gen3d.recipe import load_recipe
-from gen3d.trainer import Interrupted, run_recipe
+from gen3d import load_recipe
+from gen3d import run_recipe
+from gen3d.trainer import Interrupted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "thirdparty"))
 import gen3d_example_plugin as example  # noqa: E402

@@ -13,6 +13,7 @@ numpy.bool = numpy.bool_  # Blender 3.4's glTF importer uses np.bool, gone from 
 import bpy  # noqa: E402
 from mathutils import Vector  # noqa: E402
 
+# Each format through Blender's own importer at its default settings, as a user opens the file.
 IMPORTERS = {
     ".glb": lambda path: bpy.ops.import_scene.gltf(filepath=path),
     ".gltf": lambda path: bpy.ops.import_scene.gltf(filepath=path),
@@ -56,6 +57,6 @@ def report(path):
             "colors": len(colors), "color_std": spread, "materials": materials}
 
 
-files = sys.argv[sys.argv.index("--") + 1:]
-for f in files:
-    print("GEN3D " + json.dumps(report(f)), flush=True)
+if __name__ == "__main__":
+    for f in sys.argv[sys.argv.index("--") + 1:]:
+        print("GEN3D " + json.dumps(report(f)), flush=True)

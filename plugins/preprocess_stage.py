@@ -2,139 +2,46 @@
 
     detect -> pick one box -> segment it -> crop, centre, scale -> RGBA of ``size`` px
 
-Detectors, segmenters and depth estimators are all components of the kind ``preprocessor``
-(hook ``gen3d_preprocessors``). What one can *do* is its role, a small protocol below:
-``detect``, ``segment`` or ``estimate_depth``. A component may play several roles (the embedded
-``grabcut`` both detects and segments) and says which in a ``ROLES`` tuple on its config class,
-so the stage can refuse a wrong choice before loading anything. Factories are called as
+The detector, segmenter and depth estimator are preprocessor components, each chosen by name;
+the roles they play (``detect``, ``segment``, ``estimate_depth``) are the core's contract
+(``gen3d.Detector``, ``gen3d.Segmenter``, ``gen3d.DepthEstimator``; the ``ROLES`` a component's
+config declares are checked before anything loads). Factories are called as
 ``factory(config, role="detector")``.
 
 Coordinate frames: components see the *working* image (the input turned upright and shrunk
 to ``max_side``) and answer in its pixels; everything this stage writes is in the *input's*
 pixels (the upright photo at full size): boxes, ``mask.png``, ``depth.npy``.
 
-:func:`preprocess` is what a recipe loop calls; :func:`preprocess_file` adds reading the photo
-and writing the output folder (``gen3d preprocess``).
+:func:`preprocess` runs the stage on a loaded image; :func:`preprocess_file` adds reading the
+photo and writing the output folder. Both front ends use it: the ``gen3d preprocess`` command,
+registered here through the ``gen3d_commands`` hook, and ``loop: preprocess``
+(:mod:`gen3d_plugins.preprocess_recipe`).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
 
-from .boxes import batched_nms, box_area
-from .config import Choice, Context, _choice, choice, from_dict
-from .errors import ConfigError, DataError
-from .images import LoadedImage, read_image, write_png
-from .io import inside, write_json
-from .plugins import get_component
+from gen3d import (PREPROCESSOR_ROLES, Choice, ConfigError, Context, DataError, DepthMap, Detections, Segmenter,
+                   apply_override, choice, from_dict, hookimpl, parse_override, preprocessor_roles, registry,
+                   write_json)
+from gen3d_plugins.photo_io import LoadedImage, read_image, write_png
 
-KIND = "preprocessor"
-ROLES = ("detector", "segmenter", "depth")
-
-# --- what components return --------------------------------------------------------------
-
-
-@dataclass
-class Detections:
-    """Boxes ``[N, 4]`` (x0, y0, x1, y1, float32 pixels), scores ``[N]`` and one label per box."""
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    labels: list[str]
-    unsure: list[str] = field(default_factory=list)  # why the detector doubts its answer
-    notes: list[str] = field(default_factory=list)  # anything else worth telling the user
-
-    def __post_init__(self) -> None:
-        self.boxes = torch.as_tensor(self.boxes, dtype=torch.float32).reshape(-1, 4)
-        self.scores = torch.as_tensor(self.scores, dtype=torch.float32).reshape(-1)
-        if not (len(self.boxes) == len(self.scores) == len(self.labels)):
-            raise ValueError(f"detections: {len(self.boxes)} boxes, {len(self.scores)} scores and "
-                             f"{len(self.labels)} labels should be as many")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def select(self, index: torch.Tensor | Sequence[int]) -> Detections:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Detections(self.boxes[index], self.scores[index], [self.labels[i] for i in index.tolist()],
-                          list(self.unsure), list(self.notes))
-
-    def suppress(self, iou_threshold: float) -> Detections:
-        """Non-maximum suppression within each label, highest score first."""
-        names = sorted(set(self.labels))
-        classes = torch.tensor([names.index(label) for label in self.labels], dtype=torch.long)
-        return self.select(batched_nms(self.boxes, self.scores, classes, iou_threshold))
-
-    def clipped(self, width: int, height: int) -> Detections:
-        """Boxes clipped to the image; those left empty (wholly in a model's padding) are dropped."""
-        limit = torch.tensor([width, height, width, height], dtype=torch.float32)
-        boxes = torch.minimum(self.boxes.clamp(min=0), limit)
-        clipped = Detections(boxes, self.scores, list(self.labels), list(self.unsure), list(self.notes))
-        return clipped.select(torch.nonzero(box_area(boxes) > 0).flatten())
-
-
-@dataclass
-class Segmentation:
-    mask: np.ndarray  # bool [h, w] in the pixels of the image the segmenter was given
-    score: float | None = None
-    unsure: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DepthMap:
-    """Relative depth in the pixels of the image the estimator was given.
-
-    ``depth`` is the model's affine-invariant *inverse* depth (disparity-like: larger is
-    nearer), normalised per image to [0, 1]: 0 at the farthest pixel, 1 at the nearest.
-    ``raw_range`` is the model's own (min, max), so ``raw = depth * (max - min) + min``.
-    A metric depth ``z`` relates to it by ``1 / z = s * depth + t`` for unknown s > 0, t.
-    """
-
-    depth: np.ndarray  # float32 [h, w]
-    raw_range: tuple[float, float]
-    model: str = ""
-
-    CONVENTION: ClassVar[str] = ("relative inverse depth (larger = nearer), normalised per image to [0, 1]; "
-                                 "metric depth z satisfies 1/z = s*depth + t for unknown scale s > 0 and shift t")
-
-
-# --- roles: what a preprocessor can do ----------------------------------------------------
-
-
-@runtime_checkable
-class Detector(Protocol):
-    def detect(self, image: np.ndarray, prompts: Sequence[str]) -> Detections:
-        """Boxes in ``image`` (uint8 RGB [h, w, 3]); ``prompts``: text queries, maybe empty."""
-
-
-@runtime_checkable
-class Segmenter(Protocol):
-    def segment(self, image: np.ndarray, box: Sequence[float] | None = None,
-                points: Sequence[Sequence[float]] | None = None) -> Segmentation:
-        """The mask of the object in ``box`` (x0, y0, x1, y1) or at ``points`` ([[x, y], ...])."""
-
-
-@runtime_checkable
-class DepthEstimator(Protocol):
-    def estimate_depth(self, image: np.ndarray) -> DepthMap: ...
-
-
-PROTOCOLS = {"detector": Detector, "segmenter": Segmenter, "depth": DepthEstimator}
-
-
-def roles_of(component_config: type | None) -> tuple[str, ...] | None:
-    """The roles a preprocessor declares (``ROLES`` on its config class), or None if it doesn't."""
-    return getattr(component_config, "ROLES", None)
+KIND = "preprocessor"  # the component kind of detectors, segmenters and depth estimators
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -165,41 +72,50 @@ class PreprocessSettings:
 
 
 def load_settings(data: dict | None, ctx: Context | None = None) -> PreprocessSettings:
-    """Settings from plain data (YAML, command line), every component name and key checked."""
-    ctx = ctx or Context(source="preprocess")
+    """Settings from plain data (YAML, command line), every component name and key checked
+    against the installed plugins (``ctx.registry``; gen3d's own when not given)."""
+    ctx = with_registry(ctx or Context(source="preprocess"))
     settings = from_dict(PreprocessSettings, data or {}, ctx)
     settings.depth = optional_choice(settings.depth, ctx, "depth")
     return settings
 
 
+def with_registry(ctx: Context) -> Context:
+    """``ctx``, with the installed plugins to resolve component names when it has none."""
+    return ctx if ctx.registry is not None else dataclasses.replace(ctx, registry=registry())
+
+
 def optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
-    # The config module's choice() fields always have a component; depth may have none.
+    """The preprocessor named at ``key`` (a name or ``{type: NAME, settings...}``), resolved and its
+    settings checked; None stays None (depth is optional, which a ``choice()`` field cannot be)."""
     if raw is None or isinstance(raw, Choice):
         return raw
-    return _choice(KIND, raw, ctx, key)
+    parent, _, name = key.rpartition(".")
+    # A one-field settings class with a choice() field: resolved, and its errors worded, as any recipe's.
+    holder = dataclasses.make_dataclass("Picked", [(name, Any, choice(KIND, ""))])
+    return getattr(from_dict(holder, {name: raw}, with_registry(ctx), parent), name)
 
 
 def build(role: str, picked: Choice | str | dict, where: str = "preprocess") -> Any:
     """Build the preprocessor ``picked`` for ``role``, refusing one that cannot play it."""
     picked = optional_choice(picked, Context(source=where), role)
-    component = get_component(KIND, picked.type, where=f"{where}: {role}")
-    declared = roles_of(component.config)
+    component = picked.component or registry().get(KIND, picked.type, where=f"{where}: {role}")
+    declared = preprocessor_roles(component.config)
     if declared is not None and role not in declared:
         raise ConfigError(f"{where}: {role}: {picked.type!r} is a {' and '.join(declared)}, not a {role}. "
                           f"{role.capitalize()}s: {', '.join(names_for(role)) or '(none installed)'}")
     # Factories get the role as context: model loaders name "detector.model" etc. in their errors.
-    obj = component.factory(picked.config if component.config else None, role=role)
-    if not isinstance(obj, PROTOCOLS[role]):
+    obj = dataclasses.replace(picked, component=component).build(role=role)
+    if not isinstance(obj, PREPROCESSOR_ROLES[role]):
         raise ConfigError(f"{where}: {role}: {picked.type!r} cannot act as a {role}")
     return obj
 
 
 def names_for(role: str) -> list[str]:
-    from .plugins import get_registry
-
-    registry = get_registry()
-    return [name for name in registry.names(KIND)
-            if role in (roles_of(registry.get(KIND, name).config) or ())]
+    """The installed preprocessors that declare ``role``."""
+    installed = registry()
+    return [name for name in installed.names(KIND)
+            if role in (preprocessor_roles(installed.get(KIND, name).config) or ())]
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -489,7 +405,7 @@ def clear_outputs(out_dir: Path | str) -> None:
     """Remove this stage's outputs from ``out_dir`` (only those names; nothing else is touched)."""
     try:
         for name in OUTPUTS:
-            inside(Path(out_dir), name).unlink(missing_ok=True)
+            (Path(out_dir) / name).unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot remove an earlier run's outputs ({exc})") from None
 
@@ -502,7 +418,7 @@ def write_outputs(result: PreprocessResult, out_dir: Path | str, settings: Prepr
     never mixes two runs.
     """
     out_dir = prepare_out_dir(out_dir)
-    paths = {name: inside(out_dir, name) for name in OUTPUTS}
+    paths = {name: out_dir / name for name in OUTPUTS}
     try:
         with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir) as scratch:
             scratch = Path(scratch)
@@ -594,3 +510,47 @@ def _label(picture: np.ndarray, text: str, corner: tuple[int, int], colour, abov
     y = max(y, h + base)
     cv2.rectangle(picture, (x, y - h - base), (x + w, y + base), colour, -1)
     cv2.putText(picture, text, (x, y), font, size, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+# --- the command: gen3d preprocess ----------------------------------------------------------
+
+
+@hookimpl
+def gen3d_commands():
+    return [("preprocess", "find, cut out and centre the object in a photo", setup_command)]
+
+
+def setup_command(parser: argparse.ArgumentParser):
+    """``gen3d preprocess IMAGE [key=value ...]``: its arguments; returns the function that runs it."""
+    parser.description = ("Detect -> segment -> centre the object of a photo; writes rgba.png, "
+                          "mask.png, detections.json, overview.png (and depth.npy/png).")
+    parser.add_argument("image", help="input photo (JPEG, PNG, WebP, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="settings, e.g. detector.model=PATH pick=largest max_side=2048")
+    parser.add_argument("--prompt", action="append", help="what to find, e.g. 'a chair' (repeatable)")
+    parser.add_argument("--out", help="output folder (default: runs/preprocess/<image name>)")
+    parser.add_argument("--detector", help="detector preprocessor (default: grabcut)")
+    parser.add_argument("--segmenter", help="segmenter preprocessor (default: grabcut)")
+    parser.add_argument("--depth", help="depth preprocessor (default: none)")
+    parser.add_argument("--size", type=int, help="output side in pixels (default 256)")
+    parser.add_argument("--fill", type=float, help="object's share of the output side (default 0.85)")
+    return run_command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    data: dict = {key: {"type": getattr(args, key)} for key in ("detector", "segmenter", "depth")
+                  if getattr(args, key) is not None}
+    data.update({key: getattr(args, key) for key in ("size", "fill") if getattr(args, key) is not None})
+    for text in args.overrides:
+        apply_override(data, *parse_override(text))
+    settings = load_settings(data, Context(source="gen3d preprocess", base_dir=Path.cwd(), registry=registry()))
+    out = Path(args.out) if args.out else Path("runs") / "preprocess" / Path(args.image).stem
+    result = preprocess_file(Path(args.image), settings, out, prompts=args.prompt or [])
+    chosen = result.detections.labels[result.chosen] if result.chosen is not None else "alpha"
+    print(json.dumps({"out": str(out), "object": chosen, "object_box": result.object_box,
+                      "unsure": result.unsure, "seconds": result.seconds}, indent=2))
+    for note in result.notes:
+        print(f"gen3d: note: {note}", file=sys.stderr)
+    for reason in result.unsure:
+        print(f"gen3d: unsure: {reason}", file=sys.stderr)
+    return 0

@@ -1,9 +1,9 @@
-"""Reading photos the way a person sees them, and writing PNGs atomically.
+"""Reading photos the way a person sees them, and writing PNGs atomically (for the preprocessing stage).
 
 :func:`read_image` accepts what cameras and editors produce: JPEG, PNG, WebP, TIFF; grey,
 palette, RGBA, CMYK, 16-bit; EXIF-rotated phone photos (turned upright, as every viewer shows
 them). Very large photos are shrunk to a working size while decoding. Anything it cannot read is
-a :class:`~gen3d.errors.DataError` that names the file.
+a :class:`gen3d.DataError` that names the file.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
-from .io import atomic_path
+from gen3d import DataError, atomic_path
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""Trained fields from run folders: rebuild what ``gen3d run ... --out DIR`` trained, to render it.
+
+A run folder holds ``recipe.yaml`` (the resolved recipe) and ``checkpoints/last.safetensors``.
+:func:`load_trained_field` builds the representation the recipe names, loads the field's state
+(``state["loop"]["field"]``; a field whose box a loop tightened restores that box from its state)
+and the renderer's occupancy (``state["loop"]["renderer"]``), and gives them back ready to render:
+a teacher for distillation (``field-teacher`` guidance), a student to evaluate, any run to
+inspect. Nothing else of the loop that trained it is needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import fields
+from .cameras import Cameras
+from .config import Choice
+from .errors import ConfigError, Gen3DError
+from .io import load_checkpoint
+from .recipe import Recipe, load_recipe
+from .render import RenderSettings, VolumeRenderer
+from .trainer import CHECKPOINT
+
+
+@dataclass
+class TrainedField:
+    """A field rebuilt from a run, its renderer (with the saved occupancy) and the run's recipe."""
+
+    field: torch.nn.Module
+    renderer: VolumeRenderer
+    recipe: Recipe
+    run_dir: Path
+    checkpoint: Path
+    step: int  # the training step the checkpoint was saved at
+
+    @torch.no_grad()
+    def render_images(self, cameras: Cameras, background, offsets: int = 1) -> torch.Tensor:
+        """[N, 3, H, W] renderings, one ray through each pixel centre, on a solid ``background``
+        (3 numbers in 0..1); ``offsets`` > 1 averages renderings at shifted samples
+        (``RenderSettings.eval_offsets``)."""
+        device = self.renderer.aabb.device
+        cameras = cameras.to(device)
+        bg = torch.as_tensor(background, dtype=torch.float32, device=device)
+        h, w = cameras.height, cameras.width
+        images = []
+        for i in range(len(cameras)):
+            origins, dirs = cameras.image_rays(i)
+            out = self.renderer.render_chunked(self.field, origins, dirs, bg, offsets=offsets)
+            images.append(out.rgb.clamp(0, 1).view(h, w, 3).permute(2, 0, 1))
+        return torch.stack(images)
+
+
+def run_paths(path: Path) -> tuple[Path, Path]:
+    """The run folder and checkpoint that ``path`` (a run folder or a checkpoint file) names."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path, path / CHECKPOINT
+    if path.is_file():
+        return (path.parent.parent if path.parent.name == "checkpoints" else path.parent), path
+    raise Gen3DError(f"no run folder or checkpoint at {path} (train one first, e.g. "
+                     f"gen3d run recipes/nerf-reconstruct.yaml --out {path})")
+
+
+def load_trained_field(path: Path | str, device: torch.device | str = "cpu") -> TrainedField:
+    """Rebuild the field a run trained, from its run folder or a checkpoint file inside it."""
+    run_dir, checkpoint = run_paths(Path(path))
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise ConfigError(f"{run_dir}: no recipe.yaml, so not a gen3d run folder (gen3d run ... --out DIR writes one)")
+    if not checkpoint.is_file():
+        raise Gen3DError(f"{run_dir}: no checkpoint at {checkpoint} (the run saved none yet)")
+    recipe = load_recipe(recipe_file)
+    representation = getattr(recipe.loop, "representation", None)
+    if not isinstance(representation, Choice):
+        raise ConfigError(f"{recipe_file}: loop {recipe.settings.loop!r} names no representation: "
+                          "it trains no field to load")
+    state = load_checkpoint(checkpoint)
+    loop_state = state.get("loop") if isinstance(state.get("loop"), dict) else {}
+    field_state, renderer_state = loop_state.get("field"), loop_state.get("renderer") or {}
+    if not isinstance(field_state, dict):
+        raise Gen3DError(f"{checkpoint}: holds no field state (loop.field); not a checkpoint of a field-training run")
+
+    device = torch.device(device)
+    settings = getattr(recipe.loop, "render", None)
+    settings = settings if isinstance(settings, RenderSettings) else RenderSettings()
+    saved_box = field_state.get("aabb")
+    aabb = saved_box.float() if torch.is_tensor(saved_box) else scene_box(recipe)
+    if aabb is None:
+        raise Gen3DError(f"{checkpoint}: the field saved no box and the recipe names none (box or data)")
+    aabb = aabb.to(device)
+    step_size = renderer_state.get("step_size")
+    if not isinstance(step_size, float):
+        step_size = fallback_step_size(recipe, aabb, settings)
+    field = fields.build(representation, aabb, step_size)
+    fields.load_state(field, {k: v.to(device) if torch.is_tensor(v) else v for k, v in field_state.items()})
+    if isinstance(field, torch.nn.Module):
+        field.eval().requires_grad_(False)
+    renderer = VolumeRenderer(field.aabb, settings, step_size=step_size)
+    if not load_occupancy(renderer, renderer_state):
+        renderer.update_occupancy(field, 0)  # saved on another path (CPU grid vs nerfacc): recompute
+    return TrainedField(field, renderer, recipe, run_dir, checkpoint, int(state.get("step", 0)))
+
+
+def load_occupancy(renderer: VolumeRenderer, state: dict) -> bool:
+    """Load a saved occupancy structure if it was written by the same render path and size."""
+    if renderer.packed and "estimator" in state:
+        renderer.load_state_dict(state)
+        return True
+    occupied = state.get("occupied")
+    if not renderer.packed and torch.is_tensor(occupied) and occupied.shape == renderer.occupancy.occupied.shape:
+        renderer.load_state_dict(state)
+        return True
+    return False
+
+
+def scene_box(recipe: Recipe) -> torch.Tensor | None:
+    """The box a run's loop started in, for checkpoints that do not say: a text-to-3D loop's
+    ``box`` (the cube [-box, box]^3), or the ``aabb`` of the data set its ``data`` names."""
+    box = getattr(recipe.loop, "box", None)
+    if isinstance(box, (int, float)) and not isinstance(box, bool):
+        return torch.tensor([-float(box)] * 3 + [float(box)] * 3)
+    data = getattr(recipe.loop, "data", None)
+    if isinstance(data, Choice) and data.kind == "dataset":
+        return torch.as_tensor(data.build().aabb, dtype=torch.float32)
+    return None
+
+
+def fallback_step_size(recipe: Recipe, aabb: torch.Tensor, settings: RenderSettings) -> float:
+    """The marching step of a checkpoint written before renderers saved it: the starting box's
+    diagonal over ``samples_per_diagonal`` (loops that shrink their box keep that step)."""
+    box = None
+    try:
+        box = scene_box(recipe)
+    except Gen3DError as error:  # e.g. the data set has moved since
+        warnings.warn(f"cannot read the run's scene box ({error}); marching at the field's own box's step", stacklevel=3)
+    box = aabb.cpu() if box is None else box
+    return float((box[3:] - box[:3]).norm()) / settings.samples_per_diagonal

@@ -1,0 +1,121 @@
+"""Run inside Blender: render meshes unlit from a data set's cameras, as PNGs with alpha.
+
+blender -b --factory-startup --python tests/tools/blender_render.py -- \
+    --transforms DATA/transforms_test.json --views 0 4 8 --size 128 --out DIR FILE...
+
+Each FILE is opened with Blender's default importer (what a user gets), its materials replaced
+by an emission shader reading the mesh's colour attribute: a radiance field bakes its lighting
+into the colours, so unlit is how the export should look. The view transform is "Standard", so
+an emitted linear value leaves as its sRGB encoding, and the film is transparent, so alpha is
+the mesh's coverage. Writes DIR/<FILE's name>/r_<view>.png and prints one GEN3D JSON line a file.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bpy  # noqa: E402
+from blender_import import IMPORTERS  # noqa: E402  (also sets numpy.bool for the glTF importer)
+from mathutils import Matrix  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="blender_render.py")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--transforms", type=Path, required=True, help="NeRF-synthetic transforms_*.json")
+    parser.add_argument("--views", type=int, nargs="+", required=True, help="frame indices to render")
+    parser.add_argument("--size", type=int, required=True, help="image width and height in pixels")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (anti-aliasing only)")
+    return parser.parse_args(sys.argv[sys.argv.index("--") + 1:])
+
+
+def unlit(obj: bpy.types.Object) -> None:
+    """Replace the object's materials with emission of its colour attribute."""
+    mesh = obj.data
+    if not len(mesh.color_attributes):
+        raise SystemExit(f"{obj.name}: the import has no colour attribute")
+    layer = (mesh.color_attributes.active_color or mesh.color_attributes[0]).name
+    material = bpy.data.materials.new("unlit")
+    material.use_nodes = True
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    nodes.clear()
+    color = nodes.new("ShaderNodeVertexColor")
+    color.layer_name = layer
+    emission = nodes.new("ShaderNodeEmission")
+    output = nodes.new("ShaderNodeOutputMaterial")
+    links.new(color.outputs["Color"], emission.inputs["Color"])
+    links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    mesh.materials.clear()
+    mesh.materials.append(material)
+
+
+def setup_scene(size: int, samples: int, camera_angle_x: float) -> bpy.types.Object:
+    scene = bpy.context.scene
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    scene.cycles.use_adaptive_sampling = False
+    scene.cycles.use_denoising = False
+    scene.cycles.max_bounces = 0  # emission only: nothing to bounce
+    scene.render.use_persistent_data = True  # one BVH for all the views
+    scene.render.resolution_x = scene.render.resolution_y = size
+    scene.render.resolution_percentage = 100
+    scene.render.film_transparent = True
+    scene.render.dither_intensity = 0.0  # Blender dithers 8-bit output by default: noise we don't want
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.image_settings.color_mode = "RGBA"
+    scene.render.image_settings.color_depth = "8"
+    scene.display_settings.display_device = "sRGB"
+    # Filmic (the default) would tone-map: Standard is the plain sRGB encoding of linear values.
+    scene.view_settings.view_transform = "Standard"
+    scene.view_settings.look = "None"
+    scene.view_settings.exposure = 0.0
+    scene.view_settings.gamma = 1.0
+    camera = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+    camera.data.sensor_fit = "HORIZONTAL"
+    camera.data.angle_x = camera_angle_x
+    camera.data.clip_start, camera.data.clip_end = 0.01, 1000.0
+    scene.collection.objects.link(camera)
+    scene.camera = camera
+    return camera
+
+
+def render_file(path: Path, frames: list, views: list[int], args: argparse.Namespace, angle: float) -> dict:
+    began = time.perf_counter()
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    IMPORTERS[path.suffix.lower()](str(path))
+    objects = [o for o in bpy.context.scene.objects if o.type == "MESH"]
+    for obj in objects:
+        unlit(obj)
+    imported = time.perf_counter() - began
+    camera = setup_scene(args.size, args.samples, angle)
+    out = args.out / path.name
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for view in views:
+        # The data set's cameras are OpenGL's axes, as Blender's: the matrix goes in as it is.
+        camera.matrix_world = Matrix(frames[view]["transform_matrix"])
+        bpy.context.scene.render.filepath = str(out / f"r_{view}.png")
+        bpy.ops.render.render(write_still=True)
+        written.append(str(out / f"r_{view}.png"))
+    return {"file": str(path), "objects": len(objects), "renders": written,
+            "import_seconds": round(imported, 2), "seconds": round(time.perf_counter() - began, 2)}
+
+
+def main() -> None:
+    args = parse_args()
+    transforms = json.loads(args.transforms.read_text())
+    frames = transforms["frames"]
+    angle = float(transforms["camera_angle_x"])
+    if not 0 < angle < math.pi:
+        raise SystemExit(f"{args.transforms}: camera_angle_x {angle} is not an angle in radians")
+    for path in args.files:
+        print("GEN3D " + json.dumps(render_file(path, frames, args.views, args, angle)), flush=True)
+
+
+main()
