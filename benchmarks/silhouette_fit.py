@@ -41,7 +41,7 @@ def opacities(loop, views, count: int, rays: int) -> tuple[np.ndarray, np.ndarra
 
 
 def summary(opacity: np.ndarray, alphas: np.ndarray) -> dict:
-    from gen3d_plugins.reconstruct import psnr
+    from gen3d import psnr
 
     partial = (alphas > 0.01) & (alphas < 0.99)
     errors = opacity - alphas

@@ -13,7 +13,7 @@ from .cameras import Cameras, PixelFilter, focal_from_fov, look_at, orbit, rando
 from .colors import encode_colors, linear_to_srgb, srgb_to_linear
 from .config import Choice, Context, choice, from_dict
 from .errors import ConfigError, DataError, Gen3DError, PluginError, TrainingDiverged, call_plugin
-from .export import MeshSettings
+from .export import MeshSettings, up_axis
 from .fields import (CAPABILITIES, DensitySurface, Field, RadianceField, RefittableField, SurfaceField,
                      TrainableField, surface_of)
 from .guidance import (Guidance, GuidanceInput, GuidanceOutput, ReferenceView, ViewAngles, Weighting, sample_timesteps,
@@ -30,6 +30,7 @@ from .recipe import Recipe, StageSettings, apply_override, parse_override
 from .render import (RenderOutput, RenderSettings, VolumeRenderer, binary_entropy, cell_max_density,
                      pixel_means)
 from .run import Run, StageLoop, TrainingLoop, TrainResult
+from .runs import TrainedField, load_trained_field
 from .specs import Component
 from .training import FieldTrainer
 

@@ -90,6 +90,8 @@ def from_dict(cls: type, data: Any, ctx: Context, key: str = "") -> Any:
         else:
             raise fail(ctx, sub, "missing required setting")
         if "kind" in f.metadata:
+            if isinstance(raw, dict) and "type" not in raw and f.default_factory is not dataclasses.MISSING:
+                raw = {**f.default_factory(), **raw}  # settings without a type: the default component's
             values[name] = _choice(f.metadata["kind"], raw, ctx, sub)
         else:
             values[name] = convert(hints[name], raw, ctx, sub)

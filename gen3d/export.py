@@ -186,17 +186,30 @@ def vertex_colors(field, mesh: trimesh.Trimesh) -> np.ndarray:
     return (rgba * 255 + 0.5).astype(np.uint8)
 
 
+def up_axis(axis: str):
+    """Mark an exporter's writer with the up axis of its files: ``"Y"`` (glTF, OBJ as most tools
+    read it) or ``"Z"`` (gen3d's world, what a writer without the mark gets)::
+
+        @gen3d.up_axis("Y")
+        def write(mesh, path): ...
+    """
+    def mark(write):
+        write.up_axis = axis
+        return write
+    return mark
+
+
 def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, exporters: list, stem: str = "mesh") -> list[Path]:
     """Write ``mesh`` (Z up) through each exporter (a resolved Choice: ``MeshSettings.exporters``);
     returns the files written. An exporter that raises is a one-line error naming its plugin.
 
     Each writer gets the mesh in the up axis its format is read in, which it names as its
-    ``up_axis`` attribute: ``"Z"`` (our world's, as it is) or ``"Y"`` (turned by Z_UP_TO_Y_UP),
-    Y for a writer that names none (what every writer got before formats chose)."""
+    ``up_axis`` attribute: ``"Y"`` (turned by Z_UP_TO_Y_UP) or ``"Z"``, our world's as it is,
+    which is also what a writer that names none gets (gen3d.hookspecs.gen3d_exporters)."""
     writers = [(choice.type, choice.build(), choice.component) for choice in exporters]
     written = []
     for fmt, write, component in writers:
-        up = getattr(write, "up_axis", "Y")
+        up = getattr(write, "up_axis", "Z")
         if up not in ("Y", "Z"):
             raise Gen3DError(f"exporter {fmt!r}: up_axis must be 'Y' or 'Z', got {up!r}")
         oriented = mesh.copy()  # a copy either way: a writer cannot change the caller's mesh

@@ -68,6 +68,9 @@ class GuidanceInput:
     image of image-to-3D, else None. ``step`` / ``total_steps``: for schedules (timestep ranges).
     ``generator``: a CPU generator for every random draw (timesteps, noise, crops), so the
     guidance's randomness is part of the run's reproducible, checkpointed state.
+    ``background``: [B, 3], the solid colour (0..1) each view was composited on, where the loop
+    knows one (solid or random backgrounds); None for a learned one. A guidance that renders
+    its own target (``field-teacher``) composites it on the same colour.
     """
 
     images: torch.Tensor
@@ -78,12 +81,16 @@ class GuidanceInput:
     total_steps: int = 1
     reference: ReferenceView | None = None
     generator: torch.Generator | None = None
+    background: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         batch = self.images.shape[0]
         if len(self.prompts) != batch or len(self.cameras) != batch or len(self.angles.azimuth) != batch:
             raise ValueError(f"GuidanceInput: {batch} images but {len(self.prompts)} prompts, "
                              f"{len(self.cameras)} cameras, {len(self.angles.azimuth)} angles")
+        if self.background is not None and tuple(self.background.shape) != (batch, 3):
+            raise ValueError(f"GuidanceInput: background must be [{batch}, 3] (one colour a view), "
+                             f"got {list(self.background.shape)}")
 
     def fov_x(self) -> torch.Tensor:
         """Horizontal field of view of each camera, radians [B]."""

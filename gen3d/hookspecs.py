@@ -82,9 +82,11 @@ def gen3d_exporters() -> Iterable[Component]:
     """Mesh exporters, one file format each (the component's name is the format).
 
     :return: Components whose ``factory(config)`` returns ``write(mesh, path)``: ``mesh`` is a
-        ``trimesh.Trimesh`` in gen3d's world (Z up) with vertex colours in sRGB; ``path`` is the
-        file to write (inside a scratch folder; files beside it, such as a material, are moved
-        with it). Settings come from the recipe's ``export.options.<format>``.
+        ``trimesh.Trimesh`` with vertex colours in sRGB (convert with ``gen3d.encode_colors``
+        where the format defines another space), Z up as gen3d's world unless the writer is
+        marked ``@gen3d.up_axis("Y")``; ``path`` is the file to write (inside a scratch folder;
+        files beside it, such as a material, are moved with it). Settings come from the
+        recipe's ``export.options.<format>``.
     """
 
 

@@ -141,19 +141,38 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` (dotted) to ``value``; in a list of stages, a part is a stage's name or index
+    (``stages.fine.steps=600``, ``stages.1.steps=600``)."""
     node = data
     parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
+        if isinstance(node.get(part), list) and i + 2 < len(parts):
+            node = _list_entry(node[part], parts[i + 1], key)
+            i += 2
+            continue
+        i += 1
         child = node.get(part)
         if isinstance(child, str):  # `representation: grid-nerf` shorthand
             child = {"type": child}
         elif child is None:
             child = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value, not a section")
         node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def _list_entry(items: list, part: str, key: str) -> dict:
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part.isdigit() and int(part) < len(items) and isinstance(items[int(part)], dict):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    raise ConfigError(f"override {key}: no stage {part!r}; stages: {', '.join(map(str, names)) or '(none)'}")
 
 
 def load_recipe(path: Path, overrides: list[str] = (), *, registry) -> Recipe:

@@ -1,7 +1,7 @@
 """Trained fields from run folders: rebuild what ``gen3d run ... --out DIR`` trained, to render it.
 
-A run folder holds ``recipe.yaml`` (the resolved recipe) and ``checkpoints/last.safetensors``.
-:func:`load_trained_field` builds the representation the recipe names, loads the field's state
+A run folder holds ``recipe.yaml`` (the resolved recipe) and ``checkpoints/last.safetensors``
+(a multi-stage run: ``stages/NAME/checkpoints/last.safetensors`` per stage). :func:`load_trained_field` builds the representation the recipe names, loads the field's state
 (``state["loop"]["field"]``; a field whose box a loop tightened restores that box from its state)
 and the renderer's occupancy (``state["loop"]["renderer"]``), and gives them back ready to render:
 a teacher for distillation (``field-teacher`` guidance), a student to evaluate, any run to
@@ -21,7 +21,8 @@ from .cameras import Cameras
 from .config import Choice
 from .errors import ConfigError, Gen3DError
 from .io import load_checkpoint
-from .recipe import Recipe, load_recipe
+from .plugins import get_registry
+from .recipe import Recipe, Stage, load_recipe
 from .render import RenderSettings, VolumeRenderer
 from .trainer import CHECKPOINT
 
@@ -33,50 +34,62 @@ class TrainedField:
     field: torch.nn.Module
     renderer: VolumeRenderer
     recipe: Recipe
-    run_dir: Path
+    stage: Stage  # the recipe's stage that trained it
     checkpoint: Path
     step: int  # the training step the checkpoint was saved at
 
     @torch.no_grad()
     def render_images(self, cameras: Cameras, background, offsets: int = 1) -> torch.Tensor:
         """[N, 3, H, W] renderings, one ray through each pixel centre, on a solid ``background``
-        (3 numbers in 0..1); ``offsets`` > 1 averages renderings at shifted samples
-        (``RenderSettings.eval_offsets``)."""
+        (3 numbers in 0..1, or [N, 3]: one colour a view); ``offsets`` > 1 averages renderings at
+        shifted samples (``RenderSettings.eval_offsets``)."""
         device = self.renderer.aabb.device
         cameras = cameras.to(device)
-        bg = torch.as_tensor(background, dtype=torch.float32, device=device)
+        bg = torch.as_tensor(background, dtype=torch.float32).to(device)
+        bg = bg.expand(len(cameras), 3) if bg.dim() == 1 else bg
         h, w = cameras.height, cameras.width
         images = []
         for i in range(len(cameras)):
             origins, dirs = cameras.image_rays(i)
-            out = self.renderer.render_chunked(self.field, origins, dirs, bg, offsets=offsets)
+            out = self.renderer.render_chunked(self.field, origins, dirs, bg[i], offsets=offsets)
             images.append(out.rgb.clamp(0, 1).view(h, w, 3).permute(2, 0, 1))
         return torch.stack(images)
 
 
-def run_paths(path: Path) -> tuple[Path, Path]:
-    """The run folder and checkpoint that ``path`` (a run folder or a checkpoint file) names."""
+def locate(path: Path) -> tuple[Path, str | None, Path | None]:
+    """The run folder that ``path`` names, the stage it points into (None: not said) and the
+    checkpoint file when ``path`` is one. ``path``: a run folder, a stage's folder
+    (``RUN/stages/NAME``), or a checkpoint file inside either."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        return path, path / CHECKPOINT
-    if path.is_file():
-        return (path.parent.parent if path.parent.name == "checkpoints" else path.parent), path
-    raise Gen3DError(f"no run folder or checkpoint at {path} (train one first, e.g. "
-                     f"gen3d run recipes/nerf-reconstruct.yaml --out {path})")
+    if not path.exists():
+        raise Gen3DError(f"no run folder or checkpoint at {path} (train one first, e.g. "
+                         f"gen3d run recipes/nerf-reconstruct.yaml --out {path})")
+    checkpoint = path if path.is_file() else None
+    folder = path.parent if path.is_file() else path
+    if checkpoint is not None and folder.name == "checkpoints":
+        folder = folder.parent
+    if folder.parent.name == "stages" and (folder.parent.parent / "recipe.yaml").is_file():
+        return folder.parent.parent, folder.name, checkpoint
+    return folder, None, checkpoint
 
 
-def load_trained_field(path: Path | str, device: torch.device | str = "cpu") -> TrainedField:
-    """Rebuild the field a run trained, from its run folder or a checkpoint file inside it."""
-    run_dir, checkpoint = run_paths(Path(path))
+def load_trained_field(path: Path | str, device: torch.device | str = "cpu", stage: str | None = None) -> TrainedField:
+    """Rebuild the field a run trained, from its run folder or a checkpoint file inside it;
+    of a multi-stage run, ``stage``'s (default: the stage ``path`` points into, else the last)."""
+    run_dir, pointed, checkpoint = locate(Path(path))
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise ConfigError(f"{run_dir}: no recipe.yaml, so not a gen3d run folder (gen3d run ... --out DIR writes one)")
+    recipe = load_recipe(recipe_file, registry=get_registry())
+    chosen = pick_stage(recipe, stage or pointed, recipe_file)
+    if checkpoint is None:
+        folder = run_dir / "stages" / chosen.settings.name if recipe.staged else run_dir
+        checkpoint = folder / CHECKPOINT
     if not checkpoint.is_file():
         raise Gen3DError(f"{run_dir}: no checkpoint at {checkpoint} (the run saved none yet)")
-    recipe = load_recipe(recipe_file)
-    representation = getattr(recipe.loop, "representation", None)
+    representation = getattr(chosen.loop, "representation", None)
     if not isinstance(representation, Choice):
-        raise ConfigError(f"{recipe_file}: loop {recipe.settings.loop!r} names no representation: "
+        raise ConfigError(f"{recipe_file}: loop {chosen.settings.loop!r} names no representation: "
                           "it trains no field to load")
     state = load_checkpoint(checkpoint)
     loop_state = state.get("loop") if isinstance(state.get("loop"), dict) else {}
@@ -85,24 +98,33 @@ def load_trained_field(path: Path | str, device: torch.device | str = "cpu") -> 
         raise Gen3DError(f"{checkpoint}: holds no field state (loop.field); not a checkpoint of a field-training run")
 
     device = torch.device(device)
-    settings = getattr(recipe.loop, "render", None)
+    settings = getattr(chosen.loop, "render", None)
     settings = settings if isinstance(settings, RenderSettings) else RenderSettings()
     saved_box = field_state.get("aabb")
-    aabb = saved_box.float() if torch.is_tensor(saved_box) else scene_box(recipe)
+    aabb = saved_box.float() if torch.is_tensor(saved_box) else scene_box(chosen)
     if aabb is None:
         raise Gen3DError(f"{checkpoint}: the field saved no box and the recipe names none (box or data)")
     aabb = aabb.to(device)
     step_size = renderer_state.get("step_size")
     if not isinstance(step_size, float):
-        step_size = fallback_step_size(recipe, aabb, settings)
-    field = fields.build(representation, aabb, step_size)
+        step_size = fallback_step_size(chosen, aabb, settings)
+    field = fields.build(representation, aabb, step_size, ("radiance",), "a trained field's renderer")
     fields.load_state(field, {k: v.to(device) if torch.is_tensor(v) else v for k, v in field_state.items()})
     if isinstance(field, torch.nn.Module):
         field.eval().requires_grad_(False)
     renderer = VolumeRenderer(field.aabb, settings, step_size=step_size)
     if not load_occupancy(renderer, renderer_state):
         renderer.update_occupancy(field, 0)  # saved on another path (CPU grid vs nerfacc): recompute
-    return TrainedField(field, renderer, recipe, run_dir, checkpoint, int(state.get("step", 0)))
+    return TrainedField(field, renderer, recipe, chosen, checkpoint, int(state.get("step", 0)))
+
+
+def pick_stage(recipe: Recipe, name: str | None, source: Path) -> Stage:
+    if name is None:
+        return recipe.stages[-1]
+    for candidate in recipe.stages:
+        if candidate.settings.name == name:
+            return candidate
+    raise ConfigError(f"{source}: no stage {name!r}; its stages: {', '.join(s.settings.name for s in recipe.stages)}")
 
 
 def load_occupancy(renderer: VolumeRenderer, state: dict) -> bool:
@@ -117,24 +139,24 @@ def load_occupancy(renderer: VolumeRenderer, state: dict) -> bool:
     return False
 
 
-def scene_box(recipe: Recipe) -> torch.Tensor | None:
-    """The box a run's loop started in, for checkpoints that do not say: a text-to-3D loop's
+def scene_box(stage: Stage) -> torch.Tensor | None:
+    """The box a stage's loop started in, for checkpoints that do not say: a text-to-3D loop's
     ``box`` (the cube [-box, box]^3), or the ``aabb`` of the data set its ``data`` names."""
-    box = getattr(recipe.loop, "box", None)
+    box = getattr(stage.loop, "box", None)
     if isinstance(box, (int, float)) and not isinstance(box, bool):
         return torch.tensor([-float(box)] * 3 + [float(box)] * 3)
-    data = getattr(recipe.loop, "data", None)
+    data = getattr(stage.loop, "data", None)
     if isinstance(data, Choice) and data.kind == "dataset":
         return torch.as_tensor(data.build().aabb, dtype=torch.float32)
     return None
 
 
-def fallback_step_size(recipe: Recipe, aabb: torch.Tensor, settings: RenderSettings) -> float:
+def fallback_step_size(stage: Stage, aabb: torch.Tensor, settings: RenderSettings) -> float:
     """The marching step of a checkpoint written before renderers saved it: the starting box's
     diagonal over ``samples_per_diagonal`` (loops that shrink their box keep that step)."""
     box = None
     try:
-        box = scene_box(recipe)
+        box = scene_box(stage)
     except Gen3DError as error:  # e.g. the data set has moved since
         warnings.warn(f"cannot read the run's scene box ({error}); marching at the field's own box's step", stacklevel=3)
     box = aabb.cpu() if box is None else box

@@ -29,12 +29,8 @@ from typing import Literal
 
 import torch
 
-from gen3d import hookimpl
-from gen3d.errors import Gen3DError
-from gen3d.guidance import (GuidanceInput, GuidanceOutput, Weighting, sample_timesteps, sds_loss, sds_weights,
-                            t_range)
-from gen3d.runs import TrainedField, load_trained_field
-from gen3d.specs import Component
+from gen3d import (Component, Gen3DError, GuidanceInput, GuidanceOutput, TrainedField, Weighting, hookimpl,
+                   load_trained_field, sample_timesteps, sds_loss, sds_weights, t_range)
 
 
 @dataclass
@@ -42,9 +38,13 @@ class FieldTeacherConfig:
     # The teacher: a run folder of `gen3d run ... --out DIR` (recipe.yaml + checkpoints/), or a
     # checkpoint file inside one. On the command line, relative to where you run.
     run: Path
-    # The solid colour the teacher is composited on. The student's background must be the same
-    # (text-to-3d: background.kind=solid, background.color): where they differ the student is
-    # taught to paint the teacher's background into space.
+    # Of a multi-stage teacher run, the stage whose field teaches (None: the last, or the stage
+    # folder `run` points into).
+    stage: str | None = None
+    # The solid colour the teacher is composited on when the loop does not say which colour each
+    # view has (GuidanceInput.background). It must be the student's (text-to-3d: background.kind
+    # =solid, background.color): where they differ the student is taught to paint the teacher's
+    # background into space.
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     # Teacher renderings averaged over this many sample shifts (RenderSettings.eval_offsets):
     # a cleaner target where a ray grazes thin parts, at that many times the teacher's cost.
@@ -104,7 +104,7 @@ def batch_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 class FieldTeacher:
     def __init__(self, config: FieldTeacherConfig, device: torch.device):
         self.config, self.device = config, torch.device(device)
-        self.teacher: TrainedField = load_trained_field(config.run, self.device)
+        self.teacher: TrainedField = load_trained_field(config.run, self.device, config.stage)
         self.alphas = alphas_cumprod(config).to(self.device)
 
     def render_teacher(self, batch: GuidanceInput) -> torch.Tensor:
@@ -114,7 +114,8 @@ class FieldTeacher:
         if (cameras.width, cameras.height) != (w, h):
             raise Gen3DError(f"field-teacher: {w}x{h} images from {cameras.width}x{cameras.height} cameras; "
                              "render the views at their cameras' size")
-        return self.teacher.render_images(cameras, self.config.background, self.config.offsets)
+        background = self.config.background if batch.background is None else batch.background.detach().float()
+        return self.teacher.render_images(cameras, background, self.config.offsets)
 
     def gradient(self, images: torch.Tensor, teacher: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:

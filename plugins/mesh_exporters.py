@@ -8,7 +8,7 @@ with its default importers (tests/test_export_fidelity.py renders them against h
   Colours sRGB, on the ``v x y z r g b`` lines (Blender reads them as sRGB).
 - ``ply``: Z up, our world's: Blender's PLY importer takes the file as it is. Colours sRGB.
 
-A writer names the up axis it wants its mesh in (``up_axis``, see :func:`up_axis`);
+A writer names the up axis it wants its mesh in (``@gen3d.up_axis``);
 :func:`gen3d.export.export_mesh` hands it the mesh turned that way. The colour space of each
 format comes from :func:`gen3d.colors.color_space`, the one table every exporter uses.
 """
@@ -22,17 +22,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from gen3d import hookimpl
-from gen3d.colors import encode_colors
-from gen3d.specs import Component
-
-
-def up_axis(axis: str):
-    """Mark a writer with the up axis of its files: ``"Y"`` or ``"Z"`` (our world's)."""
-    def mark(write):
-        write.up_axis = axis
-        return write
-    return mark
+from gen3d import Component, encode_colors, hookimpl, up_axis
 
 
 def format_colors(mesh: trimesh.Trimesh, fmt: str) -> np.ndarray:
@@ -74,8 +64,9 @@ def write_obj(mesh: trimesh.Trimesh, path: Path) -> None:
 
 
 # --- GLB ---------------------------------------------------------------------------------------
-# Written here rather than by trimesh, which stores COLOR_0 in 8 bits (in linear, that bands the
-# darks: sRGB steps of up to 6/255) and leaves bufferView.target unset (validator infos).
+# Written here rather than by trimesh, which stores COLOR_0 in 8 bits (linear values in 8 bits
+# leave the darks coarse: sRGB errors up to 6/255) and leaves bufferView.target unset (which the
+# Khronos validator reports).
 ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
 FLOAT, UNSIGNED_SHORT, UNSIGNED_INT = 5126, 5123, 5125
 TRIANGLES = 4

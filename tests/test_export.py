@@ -12,9 +12,13 @@ import trimesh
 
 from conftest import blender_import, validate_gltf
 from gen3d.colors import srgb_to_linear
+from gen3d.config import Choice, Context
 from gen3d.errors import ConfigError, Gen3DError
 from gen3d.export import MeshSettings, export_mesh, extract_mesh, level_from_silhouettes
+from gen3d.plugins import get_registry
+from gen3d.recipe import resolve_exporters
 from gen3d.render import RenderSettings, VolumeRenderer
+from gen3d.specs import Component
 
 SEMI_AXES = torch.tensor([0.3, 0.5, 0.8])  # tall along world Z: "upright" is easy to check
 
@@ -70,11 +74,18 @@ def test_export_level_reproduces_the_silhouettes():
     assert level_from_silhouettes(renderer, RampBall(), origins, dirs, offsets < 0) is None
 
 
+def exporters(*formats: str) -> list:
+    """The formats' exporters, resolved against the installed plugins as a recipe's are."""
+    settings = MeshSettings(formats=list(formats))
+    resolve_exporters(settings, Context(registry=get_registry()), "export")
+    return settings.exporters
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     mesh = extract_mesh(Ellipsoid(), MeshSettings(resolution=64, level=50.0))
-    files = export_mesh(mesh, out, ["glb", "obj", "ply"])
+    files = export_mesh(mesh, out, exporters("glb", "obj", "ply"))
     return mesh, out, files
 
 
@@ -155,10 +166,28 @@ def test_blender_imports_every_format_upright_with_colours(exported, blender):
         assert report["colors"] > 0 and report["color_std"] > 0.1, report
 
 
-def test_unknown_format_lists_known_exporters(tmp_path, exported):
+def test_each_writer_gets_the_mesh_in_the_up_axis_it_names(tmp_path, exported):
     mesh, _, _ = exported
+    tall_axis = {}
+
+    def writer(name: str, up_axis: str | None = None) -> Choice:
+        def write(oriented, path):
+            tall_axis[name] = "XYZ"[int(np.argmax(oriented.extents))]
+            path.write_text("")
+        if up_axis:
+            write.up_axis = up_axis
+        return Choice(kind="exporter", type=name, component=Component(name, lambda config: write))
+
+    export_mesh(mesh, tmp_path, [writer("z", "Z"), writer("y", "Y"), writer("unsaid")])
+    assert tall_axis == {"z": "Z", "y": "Y", "unsaid": "Z"}  # naming none: our world as it is
+    assert mesh.extents.argmax() == 2  # the caller's mesh is left as it was
+    with pytest.raises(Gen3DError, match="up_axis must be 'Y' or 'Z'"):
+        export_mesh(mesh, tmp_path, [writer("x", "X")])
+
+
+def test_unknown_format_lists_known_exporters():
     with pytest.raises(ConfigError, match="unknown exporter 'usdz'.*Known exporters: glb, obj, ply"):
-        export_mesh(mesh, tmp_path, ["usdz"])
+        exporters("usdz")
 
 
 def test_empty_field_is_a_clear_error():

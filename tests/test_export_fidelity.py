@@ -15,10 +15,11 @@ from conftest import ROOT
 
 RECIPE = ROOT / "recipes" / "nerf-reconstruct.yaml"
 TOY = ROOT / "assets" / "toy"  # the recipe's own data set
-# The recipe as shipped (its export included), trained for 30 s; the previews off and the final
-# evaluation on two views, one rendering each, as this test judges the exports, not the field.
-SHORT_RUN = ["max_seconds=30", "preview.turntable_frames=0", "preview.test_images=0", "data.max_test_views=2",
-             "render.eval_offsets=1"]
+# The recipe as shipped (its export included), trained for 300 steps (about 30 s on two idle
+# cores): a step budget, not a time budget, so a busy machine gets the same mesh, only later.
+# Previews off and the final evaluation on two views, one rendering each: this judges the exports.
+SHORT_RUN = ["steps=300", "max_seconds=null", "preview.turntable_frames=0", "preview.test_images=0",
+             "data.max_test_views=2", "render.eval_offsets=1"]
 MIN_ALPHA_IOU = 0.97
 MIN_PSNR = 28.0
 
@@ -44,6 +45,8 @@ def toy_run(tmp_path_factory):
 @pytest.mark.blender
 def test_every_format_shows_the_object_upright_and_in_its_colours_in_blender(toy_run, blender):
     scores = load_tool("export_fidelity").score_exports(toy_run, TOY, ("glb", "obj", "ply"), views=6, blender=blender)
-    for fmt, score in scores.items():
-        assert score["alpha_iou"] >= MIN_ALPHA_IOU, (fmt, scores)  # shape and orientation
-        assert score["psnr"] >= MIN_PSNR, (fmt, scores)  # colours, in the right colour space
+    table = "; ".join(f"{fmt}: {s['psnr']:.2f} dB, alpha IoU {s['alpha_iou']:.3f}" for fmt, s in scores.items())
+    failing = [fmt for fmt, s in scores.items()
+               if s["alpha_iou"] < MIN_ALPHA_IOU  # shape and orientation
+               or s["psnr"] < MIN_PSNR]  # colours, in the right colour space
+    assert not failing, f"{', '.join(failing)} below {MIN_PSNR} dB or alpha IoU {MIN_ALPHA_IOU} ({table})"

@@ -236,8 +236,8 @@ def test_silhouette_pixels_get_more_rays_in_training_and_evaluation(small_datase
 
     # Evaluation: a second pass over the pixels near the field's own silhouette brings a one-ray
     # image of a sharp sphere close to its area-averaged (8x8 rays a pixel) image.
-    loop.field = HardSphere(loop.data.aabb)
-    loop.renderer = VolumeRenderer(loop.data.aabb, replace(loop.config.render, samples_per_diagonal=400))
+    loop.trainer.field = HardSphere(loop.data.aabb)
+    loop.trainer.renderer = VolumeRenderer(loop.data.aabb, replace(loop.config.render, samples_per_diagonal=400))
     cameras = loop.data.test.cameras
 
     def image(supersample: int, edge: int) -> np.ndarray:

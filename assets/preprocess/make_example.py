@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_preprocess import make_photo  # the benchmark's composite
 
-from gen3d.preprocess import load_settings, preprocess_file
+from gen3d_plugins.preprocess_stage import load_settings, preprocess_file
 
 
 def main() -> None:

@@ -85,7 +85,8 @@ def setup_scene(size: int, samples: int, camera_angle_x: float) -> bpy.types.Obj
     return camera
 
 
-def render_file(path: Path, frames: list, views: list[int], args: argparse.Namespace, angle: float) -> dict:
+def render_file(path: Path, transforms: dict, args: argparse.Namespace) -> dict:
+    """Import ``path`` into an empty scene, make it unlit and render it from each of ``args.views``."""
     began = time.perf_counter()
     bpy.ops.wm.read_factory_settings(use_empty=True)
     IMPORTERS[path.suffix.lower()](str(path))
@@ -93,11 +94,12 @@ def render_file(path: Path, frames: list, views: list[int], args: argparse.Names
     for obj in objects:
         unlit(obj)
     imported = time.perf_counter() - began
-    camera = setup_scene(args.size, args.samples, angle)
+    camera = setup_scene(args.size, args.samples, float(transforms["camera_angle_x"]))
+    frames = transforms["frames"]
     out = args.out / path.name
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for view in views:
+    for view in args.views:
         # The data set's cameras are OpenGL's axes, as Blender's: the matrix goes in as it is.
         camera.matrix_world = Matrix(frames[view]["transform_matrix"])
         bpy.context.scene.render.filepath = str(out / f"r_{view}.png")
@@ -110,12 +112,10 @@ def render_file(path: Path, frames: list, views: list[int], args: argparse.Names
 def main() -> None:
     args = parse_args()
     transforms = json.loads(args.transforms.read_text())
-    frames = transforms["frames"]
-    angle = float(transforms["camera_angle_x"])
-    if not 0 < angle < math.pi:
-        raise SystemExit(f"{args.transforms}: camera_angle_x {angle} is not an angle in radians")
+    if not 0 < float(transforms["camera_angle_x"]) < math.pi:
+        raise SystemExit(f"{args.transforms}: camera_angle_x {transforms['camera_angle_x']} is not an angle in radians")
     for path in args.files:
-        print("GEN3D " + json.dumps(render_file(path, frames, args.views, args, angle)), flush=True)
+        print("GEN3D " + json.dumps(render_file(path, transforms, args)), flush=True)
 
 
 main()

@@ -49,7 +49,8 @@ def compare(render: np.ndarray, truth: np.ndarray, background: np.ndarray) -> di
 
     mse = float(np.mean((over(render) - over(truth)) ** 2))
     a, b = render[..., 3] > 0.5, truth[..., 3] > 0.5
-    return {"psnr": 10 * np.log10(1 / max(mse, 1e-12)), "alpha_iou": float((a & b).sum() / max((a | b).sum(), 1))}
+    return {"psnr": float(10 * np.log10(1 / max(mse, 1e-12))),
+            "alpha_iou": float((a & b).sum() / max((a | b).sum(), 1))}
 
 
 def render_in_blender(files: list[Path], data_dir: Path, split: str, views: list[int], size: int, out: Path,
@@ -81,8 +82,8 @@ def score_exports(run_dir: Path, data_dir: Path, formats=("glb", "obj", "ply"), 
         for fmt, report in zip(formats, reports):
             per_view = [compare(read_rgba(Path(r)), t, bg) for r, t in zip(report["renders"], truths)]
             scores[fmt] = {key: round(float(np.mean([s[key] for s in per_view])), 4) for key in ("psnr", "alpha_iou")}
-            scores[fmt].update(min_psnr=round(min(s["psnr"] for s in per_view), 2),
-                               min_alpha_iou=round(min(s["alpha_iou"] for s in per_view), 4),
+            scores[fmt].update(min_psnr=round(float(min(s["psnr"] for s in per_view)), 2),
+                               min_alpha_iou=round(float(min(s["alpha_iou"] for s in per_view)), 4),
                                views=len(per_view), blender_seconds=report["seconds"])
         return scores
     finally:
