@@ -3,6 +3,7 @@
     python benchmarks/bench_teacher.py                        # teacher runs/toy (trained first if missing)
     python benchmarks/bench_teacher.py --repeat 3 --json out.json
     python benchmarks/bench_teacher.py -- steps=600           # more overrides after --
+    python benchmarks/bench_teacher.py --threads 1            # torch on one thread (a shared, busy CPU)
 
 The teacher is the reconstruction of the shipped toy (``gen3d run recipes/nerf-reconstruct.yaml
 --out runs/toy``). The student is ``recipes/dreamfusion.yaml`` with the guidance swapped for
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -53,18 +55,20 @@ OVERRIDES = [
 ]
 
 
-def run_student(teacher: Path, out: Path, extra: list[str]) -> dict:
+def run_student(teacher: Path, out: Path, extra: list[str], threads: int | None) -> dict:
     command = [sys.executable, "-m", "gen3d", "run", str(ROOT / "recipes" / "dreamfusion.yaml"), *OVERRIDES,
                f"guidance.run={teacher}", *extra, "--out", str(out)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     began = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - began
     if proc.returncode != 0:
         sys.exit(f"bench_teacher: the student run failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
     return {"seconds": round(seconds, 1), "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
-            "peak_rss_mb": round(rss, 1), "command": " ".join(command[1:])}
+            "peak_rss_mb": round(rss, 1), "threads": threads or os.environ.get("OMP_NUM_THREADS", "torch default"),
+            "command": " ".join(command[1:])}
 
 
 def score(student_dir: Path, teacher_dir: Path) -> dict:
@@ -94,6 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-teacher", help="students go in OUT/1, OUT/2, ...")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the student run (default: as set)")
     parser.add_argument("overrides", nargs="*", help="more recipe overrides for the student")
     args = parser.parse_args()
 
@@ -106,7 +111,7 @@ def main() -> None:
         out = args.out / str(i)
         if out.exists():
             sys.exit(f"bench_teacher: {out} exists; pick another --out")
-        result = run_student(args.teacher.resolve(), out, args.overrides)
+        result = run_student(args.teacher.resolve(), out, args.overrides, args.threads)
         result.update(score(out, args.teacher))
         result["targets_met"] = bool(result["seconds"] <= 600 and result["chamfer"] <= 0.02
                                      and result["psnr_vs_teacher"] >= 28)

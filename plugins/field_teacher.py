@@ -16,8 +16,11 @@ in image space (a field has no VAE), reaching the renderer through ``sds_loss``.
   path and export are checked end to end without a diffusion model;
 - distillation: render any reconstructed field into another representation or resolution.
 
-The teacher renders what it was trained on (the photos' sRGB colour), on a solid background, with
-no shading: pair it with albedo-only shading and a solid background of the same colour in the loop.
+The teacher renders what it was trained on (the photos' sRGB colour), with no shading, on each
+view's background colour when the loop passes it (``GuidanceInput.background``), else on the
+configured ``background``: pair it with albedo-only shading and a solid background of that colour.
+``benchmarks/bench_teacher.py`` holds the override set that turns ``dreamfusion.yaml`` into a
+distillation of the shipped toy, and scores it.
 """
 
 from __future__ import annotations
