@@ -83,8 +83,8 @@ class PixelFilter:
     ``box``, width 1: the pixel's own square, a plain area average (``assets/make_dataset.py``
     before it matched Blender). ``blackman-harris``: Blender Cycles' default film filter, with
     ``width`` as Blender's Filter Size (default 1.5 px); Cycles spreads the window over twice
-    that, 3 px. Measured on a Cycles render of a torus knot: its alpha is 50.6 dB from the
-    ground-truth mesh's coverage filtered that way, 37.0 dB from the box-filtered coverage.
+    that, 3 px: a Cycles render's alpha matches the ground truth's coverage filtered so, and not
+    a box-filtered coverage (docs/experiments.md).
     """
 
     kind: str = "box"

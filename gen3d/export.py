@@ -64,9 +64,8 @@ def level_from_silhouettes(renderer, field, origins: torch.Tensor, dirs: torch.T
 
     Why silhouettes: a learnt surface is a density ramp, and where on the ramp the true surface
     lies depends on the data. A level read off the renderings' depth (the density at the expected
-    depth of opaque rays) put meshes most of a voxel inside on every data set we measured (Chamfer
-    0.010-0.020 of the bounding radius); silhouettes pin the level where the images put the outline
-    (0.0035-0.011; benchmarks/bench_reconstruct.py on assets/ and on Blender renders)."""
+    depth of opaque rays) puts meshes most of a voxel inside; silhouettes pin the level where the
+    images put the outline (docs/experiments.md)."""
     covered = covered.bool()
     if int(covered.sum()) < min_rays or int((~covered).sum()) < min_rays:
         return None

@@ -8,8 +8,8 @@ Two code paths, chosen by device:
   the scene box, packed (each ray gets only the samples its chord through the box needs), samples
   in cells our own occupancy grid marks empty are dropped *before* the field is evaluated, and
   weights come from a packed exclusive sum in plain torch (``packed_weights``; nerfacc's packed
-  scans need its CUDA extension, and its batched ones pad every ray to the longest: with them
-  the step's rendering took twice as long). Optionally a cheap density-only pass first finds
+  scans need its CUDA extension, and its batched ones pad every ray to the longest, which
+  wastes most of a step's rendering on padding). Optionally a cheap density-only pass first finds
   samples behind opaque surfaces (transmittance < early_stop) and skips them too.
 - CUDA with nerfacc's extension: nerfacc's ``OccGridEstimator`` marches the occupancy grid in its
   kernel and renders packed samples (``nerfacc.rendering``).
@@ -46,7 +46,7 @@ class RenderSettings:
     occupancy_resolution: int = 64
     occupancy_every: int = 10  # steps between occupancy refreshes
     # Skip samples behind this transmittance. On the CPU path that costs a density-only pass,
-    # which at ~5 samples per ray costs more than it saves (measured), so it is off by default.
+    # which with few samples per ray costs more than it saves, so it is off by default.
     early_stop: float = 0.0
     occupancy_relative: float = 0.05  # a cell is occupied if alpha > this x the grid's 99th-percentile alpha
     occupancy_min_alpha: float = 1e-3
@@ -68,7 +68,7 @@ class RenderSettings:
     # Whole-image renderings (held-out views, previews) average this many renderings whose samples
     # sit at shifts of (i + 0.5) / n of a step. Training shifts each ray's samples at random, so
     # the field fits the average over shifts; one fixed shift shows the march's aliasing where a
-    # ray grazes a thin part (torus knot: +0.4 dB at 4, the shipped toy +0.15). Costs n x the
+    # ray grazes a thin part. Costs n x the
     # evaluation's samples, nothing in training.
     eval_offsets: int = 1
 

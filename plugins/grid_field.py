@@ -5,8 +5,8 @@ spherical-harmonic colour coefficients per RGB channel. A point's value is the t
 of its cell's eight corners, computed with ``F.embedding_bag`` (eight indices, trilinear
 weights): on a CPU that is several times faster than ``grid_sample``. Its gradient is kept
 row-sparse (never a dense 128^3 x 13 tensor) and :class:`RowAdam` updates only the vertices
-rays reached this step: measured, a dense gradient plus a dense or row-scanning Adam cost
-~140 ms of a ~190 ms step at 128^3, and torch's SparseAdam (coalescing) was slower still.
+rays reached this step: a dense gradient and a dense or row-scanning Adam would touch every
+vertex every step, most of a step's time at 128^3 (torch's SparseAdam coalesces, slower still).
 
 Density = softplus(raw + shift), the shift chosen so that every vertex starts at a small
 alpha per marching step (a clear, not foggy, start). The grid grows coarse-to-fine with
@@ -47,7 +47,7 @@ class GridNeRFConfig:
     lr: float = 0.1  # colour coefficients
     density_lr: float = 1.0  # raw density: softplus is linear up high, so opaque needs big moves
     betas: tuple[float, float] = (0.9, 0.99)
-    tv_weight: float = 0.0  # total variation on sampled vertices (measured: slower and no better here)
+    tv_weight: float = 0.0  # total variation on sampled vertices (slower, and no better on the shipped data)
     tv_every: int = 4
     tv_samples: int = 200_000
 
@@ -271,8 +271,8 @@ class RowAdam(torch.optim.Optimizer):
 
     ``betas[0] = 0`` keeps no first moment (RMSprop with Adam's bias correction): one table-sized
     state less and a third fewer row gathers and scatters. With lazy updates a row's momentum
-    is also stale by the time a ray next touches it. The reconstruction recipe runs so: 5-10 %
-    more steps in its 120 s and the same or better end PSNR (README, Benchmarks).
+    is also stale by the time a ray next touches it. The reconstruction recipe runs so
+    (docs/experiments.md).
     """
 
     def __init__(self, params, lr: float | torch.Tensor, betas: tuple[float, float] = (0.9, 0.99),
@@ -300,7 +300,7 @@ class RowAdam(torch.optim.Optimizer):
                 t = state["step"]
                 rows, g = touched_rows(p.grad, self._scratch.setdefault(id(p), {}))
                 # index_select / index_copy_ rather than tensor[rows] and index_add_: on a CPU
-                # they are 1.5-4x faster for these ~150k x 13 row blocks (rows are unique here).
+                # they are much faster for these large row blocks (rows are unique here).
                 if beta1 > 0:
                     m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
                     state["exp_avg"].index_copy_(0, rows, m)
@@ -329,8 +329,7 @@ def unique_rows(index: torch.Tensor, n_rows: int, scratch: dict) -> tuple[torch.
     and each entry's position among them: ``torch.unique(index, return_inverse=True)`` without
     the sort. Every entry writes its own position into a table-sized slot; where duplicates race,
     one write wins, and the entries that read back their own position are each row's one leader.
-    Measured on 2 CPU threads, ~240k corner indices into a 129^3 table, with summing and the
-    row gather/scatter Adam does: 33 ms with unique's sort, 26 with a sorted mask scan, 19 so."""
+    Faster than a sort or a sorted mask scan at the sizes a step has (docs/experiments.md)."""
     slot = scratch.get("slot")
     if slot is None or len(slot) != n_rows or slot.device != index.device:  # the grid grew
         scratch["slot"] = slot = torch.empty(n_rows, dtype=torch.long, device=index.device)

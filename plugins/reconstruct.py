@@ -252,8 +252,7 @@ def near_silhouette(opacity: torch.Tensor, change: float = 0.1) -> torch.Tensor:
     one-ray rendering's opacity) changes by more than ``change`` within their 3x3 neighbourhood.
     Training marks them from the images' alpha and evaluation from the field's own opacity, so
     both must use this same rule: pixels trained with one centre ray but rendered with many lose
-    what training fitted (toy: a field trained with 3x3 rays on partly covered pixels only scored
-    0.2 dB less when evaluation refined a wider set than when it refined none)."""
+    what training fitted (docs/experiments.md)."""
     o = opacity.reshape(-1, 1, *opacity.shape[-2:])
     spread = F.max_pool2d(o, 3, 1, 1) + F.max_pool2d(-o, 3, 1, 1)
     return (spread > change).reshape(opacity.shape)
