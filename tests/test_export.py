@@ -213,3 +213,32 @@ def test_hollow_shell_gives_one_outer_surface():
     assert mesh.is_watertight  # the weak cap (peak 24 < level 30) is closed, not a hole
     plain = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0, fill_fraction=0.0))
     assert np.linalg.norm(plain.vertices, axis=1).min() < 0.58  # without filling: inner shell too
+
+
+class SphereSDF:
+    """A field with a surface of its own (an SDF: negative inside) and no density level to choose."""
+
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+
+    def surface(self, x):
+        return x.norm(dim=-1) - 0.5
+
+    def albedo(self, x):
+        return torch.full((len(x), 3), 0.25)
+
+
+def test_a_surface_field_exports_its_zero_set_without_a_level():
+    mesh = extract_mesh(SphereSDF(), MeshSettings(resolution=64))
+    assert np.linalg.norm(mesh.vertices, axis=1) == pytest.approx(0.5, abs=0.004)
+    assert mesh.is_watertight and mesh.volume > 0  # outward normals: negative inside is inside
+    assert np.allclose(mesh.visual.vertex_colors[:, :3], 64, atol=1)
+
+
+def test_a_density_field_is_exported_through_its_signed_surface():
+    from gen3d import DensitySurface
+
+    surface = DensitySurface(RampBall(), level=50.0)
+    assert float(surface.surface(torch.tensor([[0.0, 0.0, 0.0]]))) == pytest.approx(-50.0)  # inside: negative
+    assert float(surface.surface(torch.tensor([[0.9, 0.0, 0.0]]))) == pytest.approx(50.0)
+    with pytest.raises(ConfigError, match="export.level is not set"):
+        extract_mesh(RampBall(), MeshSettings(resolution=32))
