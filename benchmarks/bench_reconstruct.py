@@ -4,6 +4,7 @@
     python benchmarks/bench_reconstruct.py --data assets/plain --repeat 3
     python benchmarks/bench_reconstruct.py -- steps=300            # any recipe override after --
     python benchmarks/bench_reconstruct.py --keep runs/bench        # keep the run folders (mesh, previews)
+    python benchmarks/bench_reconstruct.py --recipe recipes/nerf-two-stage.yaml   # a multi-stage recipe
 
 Reports train seconds, steps/s, field evaluations per ray, peak RSS (and peak VRAM on CUDA), PSNR on the held-out
 views at 15 s, 30 s, 60 s of training and at the end (evaluation time excluded), Chamfer
@@ -28,7 +29,15 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
     from gen3d import load_recipe
     from gen3d import run_recipe
 
-    recipe = load_recipe(recipe_path, [f"data.path={data.resolve()}", "eval_at_seconds=[15, 30, 60]", *overrides])
+    import yaml
+
+    stages = len(yaml.safe_load(recipe_path.read_text()).get("stages") or [])
+    if stages:  # a multi-stage recipe: every stage reads the data; the timeline is the last stage's
+        where = [f"stages.{i}.data.path={data.resolve()}" for i in range(stages)]
+        where.append(f"stages.{stages - 1}.eval_at_seconds=[15, 30, 60]")
+    else:
+        where = [f"data.path={data.resolve()}", "eval_at_seconds=[15, 30, 60]"]
+    recipe = load_recipe(recipe_path, [*where, *overrides])
     if keep is not None:  # a fresh numbered folder per run, kept for a look at the mesh and previews
         out = keep / f"run{len(list(keep.glob('run*')))}"
         m = run_recipe(recipe, out, quiet=True)
@@ -36,6 +45,11 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
         with tempfile.TemporaryDirectory() as out:
             m = run_recipe(recipe, Path(out), quiet=True)
     at = {f"psnr_{int(e['seconds'])}s": round(e["psnr_test"], 2) for e in m.get("timeline", [])}
+    per_stage = m.get("stages", {})
+    if per_stage:  # the whole run's training, and each stage's end PSNR
+        at.update({f"psnr_{name}": s.get("psnr_test") for name, s in per_stage.items()})
+        m = {**m, "steps": sum(s["steps"] for s in per_stage.values()),
+             "train_seconds": round(sum(s["train_seconds"] for s in per_stage.values()), 3)}
     return {
         "data": str(data), "steps": m["steps"], "train_seconds": m["train_seconds"],
         "steps_per_second": round(m["steps"] / m["train_seconds"], 2),
@@ -70,7 +84,7 @@ def main() -> None:
     numeric = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
     median = {k: (statistics.median(r[k] for r in runs if r.get(k) is not None) if any(r.get(k) is not None for r in runs)
                   else None) for k in numeric}
-    report = {"benchmark": "nerf-reconstruct", "torch": torch.__version__, "threads": torch.get_num_threads(),
+    report = {"benchmark": args.recipe.stem, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "median": median}
     if len(runs) > 1:
         report["runs"] = runs

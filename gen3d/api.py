@@ -32,7 +32,7 @@ from .render import (RenderOutput, RenderSettings, VolumeRenderer, binary_entrop
 from .run import Run, StageLoop, TrainingLoop, TrainResult
 from .runs import TrainedField, load_trained_field
 from .specs import Component
-from .training import FieldTrainer
+from .training import FieldLoop, FieldTrainer
 
 
 def registry():

@@ -33,6 +33,7 @@ def call_plugin(component: Any, doing: str, function: Any, *args: Any, **kwargs:
     except (Gen3DError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        where = f"{component.kind} {component.name!r} from plugin {component.plugin or '?'}"
+        package = f" (package {component.package})" if getattr(component, "package", "") else ""
+        where = f"{component.kind} {component.name!r} from plugin {component.plugin or '?'}{package}"
         raise PluginError(f"{where} failed while {doing}: {type(exc).__name__}: {exc}") from exc
 

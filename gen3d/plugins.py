@@ -27,16 +27,18 @@ class PluginInfo:
 class Registry:
     """All components the loaded plugins provide, by kind and name."""
 
-    def __init__(self, pm: pluggy.PluginManager, versions: dict[str, str]):
+    def __init__(self, pm: pluggy.PluginManager, versions: dict[str, str], packages: dict[str, str] | None = None):
         self.pm = pm
         self.versions = versions
+        packages = packages or {}
         self._by_kind: dict[str, dict[str, Component]] = {kind: {} for kind in KIND_HOOKS}
         for kind, hook_name in KIND_HOOKS.items():
             hook = getattr(pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
                 for component in impl.function() or ():
-                    self._add(replace(component, kind=kind, plugin=plugin_name))
+                    self._add(replace(component, kind=kind, plugin=plugin_name,
+                                      package=packages.get(plugin_name, "registered in this process")))
 
     def _add(self, component: Component) -> None:
         known = self._by_kind[component.kind]
@@ -86,6 +88,7 @@ def make_plugin_manager(extra_plugins: tuple[ModuleType | object, ...] = (), ent
     pm = pluggy.PluginManager("gen3d")
     pm.add_hookspecs(hookspecs)
     versions: dict[str, str] = {}
+    packages: dict[str, str] = {}
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if pm.has_plugin(ep.name):
@@ -96,6 +99,7 @@ def make_plugin_manager(extra_plugins: tuple[ModuleType | object, ...] = (), ent
                 raise Gen3DError(f"could not load gen3d plugin {ep.name!r} ({ep.value}): {exc}") from exc
             pm.register(plugin, name=ep.name)
             versions[ep.name] = ep.dist.version if ep.dist else "?"
+            packages[ep.name] = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
     for plugin in extra_plugins:
         name = pm.register(plugin)
         versions[name] = getattr(plugin, "__version__", "?")
@@ -104,7 +108,7 @@ def make_plugin_manager(extra_plugins: tuple[ModuleType | object, ...] = (), ent
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise Gen3DError(f"a gen3d plugin implements an unknown hook: {exc}") from exc
-    return pm, versions
+    return pm, versions, packages
 
 
 _registry: Registry | None = None
@@ -127,8 +131,8 @@ def unregister_all_extra() -> None:
 def get_registry() -> Registry:
     global _registry
     if _registry is None:
-        pm, versions = make_plugin_manager(tuple(_extra))
-        _registry = Registry(pm, versions)
+        pm, versions, packages = make_plugin_manager(tuple(_extra))
+        _registry = Registry(pm, versions, packages)
     return _registry
 
 

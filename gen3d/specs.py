@@ -40,6 +40,7 @@ class Component:
     # Filled in by the plugin manager: which plugin provided it and of what kind.
     kind: str = field(default="", compare=False)
     plugin: str = field(default="", compare=False)
+    package: str = field(default="", compare=False)  # the distribution that installed it, with its version
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):

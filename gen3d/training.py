@@ -26,6 +26,9 @@ class FieldTrainer:
         device = run.device if generator_device is None else generator_device
         self.generator = torch.Generator(device=device).manual_seed(run.seed)
         self.new_optimizer()
+        if run.stage.init_from:  # a later stage of a multi-stage recipe
+            how = self.init_from(run.field_of(run.stage.init_from))
+            run.log(f"field initialised from stage {run.stage.init_from!r} by {how}")
 
     # --- a step ------------------------------------------------------------------------
 
@@ -120,3 +123,22 @@ class FieldTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.renderer.load_state_dict(state["renderer"])
         self.generator.set_state(state["generator"])
+
+
+class FieldLoop:
+    """A base for loops built around a :class:`FieldTrainer` (``self.trainer``): its field,
+    renderer and generator as attributes of the loop."""
+
+    trainer: FieldTrainer
+
+    @property
+    def field(self):
+        return self.trainer.field
+
+    @property
+    def renderer(self) -> VolumeRenderer:
+        return self.trainer.renderer
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.trainer.generator

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.profiler import record_function
 
-from gen3d import (Choice, Component, FieldTrainer, HeldOutViews, Orbit, RenderSettings, Silhouettes,
+from gen3d import (Choice, Component, FieldLoop, FieldTrainer, HeldOutViews, Orbit, RenderSettings, Silhouettes,
                    StageOutputs, binary_entropy, choice, fov_of, hookimpl, pixel_means, quick_psnr)
 
 @dataclass
@@ -68,7 +68,7 @@ class ReconstructConfig:
 NEEDS = ("radiance",)  # what the loop asks of its representation
 
 
-class Reconstruct:
+class Reconstruct(FieldLoop):
     def __init__(self, config: ReconstructConfig, run):
         self.config, self.run = config, run
         device = run.device
@@ -80,9 +80,6 @@ class Reconstruct:
         aabb = self.data.aabb.to(device)
         self.trainer = FieldTrainer(run, config.representation, aabb, config.render, needs=NEEDS,
                                     lr_decay=config.train.lr_decay, loop_name="nerf-reconstruct")
-        if run.stage.init_from:
-            how = self.trainer.init_from(run.field_of(run.stage.init_from))
-            run.log(f"field initialised from stage {run.stage.init_from!r} by {how}")
         self.background = torch.tensor(config.train.background, device=device)
         self.random_background = config.train.random_background and self.data.has_alpha
         self.opacity_entropy = config.train.opacity_entropy if self.data.has_alpha else 0.0
@@ -93,18 +90,6 @@ class Reconstruct:
         self.edge_share = float(self.edge_pixels.float().mean())
         run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
                 f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
-
-    @property
-    def field(self):
-        return self.trainer.field
-
-    @property
-    def renderer(self):
-        return self.trainer.renderer
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.trainer.generator
 
     # --- training ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen3d import (Choice, Component, ConfigError, FieldTrainer, GuidanceInput, Orbit, RenderSettings, StageOutputs,
+from gen3d import (Choice, Component, ConfigError, FieldLoop, FieldTrainer, GuidanceInput, Orbit, RenderSettings, StageOutputs,
                    ViewAngles, ViewPrompts, binary_entropy, choice, hookimpl, random_views, view_prompts)
 
 
@@ -124,7 +124,7 @@ class LearnedBackground(nn.Module):
 NEEDS = ("radiance",)  # what the loop asks of its representation
 
 
-class TextTo3D:
+class TextTo3D(FieldLoop):
     def __init__(self, config: TextTo3DConfig, run):
         if not config.prompt.strip():
             raise ConfigError(f"{run.recipe.source}: prompt is missing: add prompt=\"a hamburger\" "
@@ -136,25 +136,10 @@ class TextTo3D:
         # The guidance's draws (timesteps, noise, crops) come from a CPU generator: reproducible on any device.
         self.trainer = FieldTrainer(run, config.representation, self.aabb, config.render, needs=NEEDS,
                                     generator_device="cpu", loop_name="text-to-3d")
-        if run.stage.init_from:
-            how = self.trainer.init_from(run.field_of(run.stage.init_from))
-            run.log(f"field initialised from stage {run.stage.init_from!r} by {how}")
         self.guidance = config.guidance.build(device=device)
         self.background = LearnedBackground().to(device)
         self.background_optimizer = torch.optim.Adam(self.background.parameters(), lr=config.background.lr)
         run.log(f"prompt: {config.prompt!r}; guidance: {config.guidance.type}; renderer: {self.renderer.path}")
-
-    @property
-    def field(self):
-        return self.trainer.field
-
-    @property
-    def renderer(self):
-        return self.trainer.renderer
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.trainer.generator
 
     # --- one step ---------------------------------------------------------------------
 

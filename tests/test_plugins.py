@@ -128,7 +128,8 @@ def test_a_failing_plugin_is_one_line_naming_it(site, tmp_path):
     proc = gen3d_cli(["run", str(recipe), "--out", "run", "--quiet"], site, tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert "exporter 'xyz' from plugin example failed while writing mesh.xyz: NameError" in last, proc.stderr
+    assert ("exporter 'xyz' from plugin example (package gen3d-example-plugin 1.2.3) failed while writing "
+            "mesh.xyz: NameError") in last, proc.stderr
     assert "--debug" in last and "Traceback" not in proc.stderr
     proc = gen3d_cli(["run", str(recipe), "--out", "run2", "--quiet", "--debug"], site, tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "undefined_name" in proc.stderr
