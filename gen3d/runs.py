@@ -10,7 +10,6 @@ inspect. Nothing else of the loop that trained it is needed.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +99,13 @@ def load_trained_field(path: Path | str, device: torch.device | str = "cpu", sta
     device = torch.device(device)
     settings = getattr(chosen.loop, "render", None)
     settings = settings if isinstance(settings, RenderSettings) else RenderSettings()
-    saved_box = field_state.get("aabb")
-    aabb = saved_box.float() if torch.is_tensor(saved_box) else scene_box(chosen)
-    if aabb is None:
-        raise Gen3DError(f"{checkpoint}: the field saved no box and the recipe names none (box or data)")
-    aabb = aabb.to(device)
+    aabb = field_state.get("aabb")  # a field's box is part of its state (a buffer, or state_dict_plain's)
+    if not torch.is_tensor(aabb):
+        raise Gen3DError(f"{checkpoint}: the field's state holds no box (aabb), so it cannot be placed")
+    aabb = aabb.float().to(device)
     step_size = renderer_state.get("step_size")
     if not isinstance(step_size, float):
-        step_size = fallback_step_size(chosen, aabb, settings)
+        step_size = fallback_step_size(aabb, settings)
     field = fields.build(representation, aabb, step_size, ("radiance",), "a trained field's renderer")
     fields.load_state(field, {k: v.to(device) if torch.is_tensor(v) else v for k, v in field_state.items()})
     if isinstance(field, torch.nn.Module):
@@ -139,25 +137,9 @@ def load_occupancy(renderer: VolumeRenderer, state: dict) -> bool:
     return False
 
 
-def scene_box(stage: Stage) -> torch.Tensor | None:
-    """The box a stage's loop started in, for checkpoints that do not say: a text-to-3D loop's
-    ``box`` (the cube [-box, box]^3), or the ``aabb`` of the data set its ``data`` names."""
-    box = getattr(stage.loop, "box", None)
-    if isinstance(box, (int, float)) and not isinstance(box, bool):
-        return torch.tensor([-float(box)] * 3 + [float(box)] * 3)
-    data = getattr(stage.loop, "data", None)
-    if isinstance(data, Choice) and data.kind == "dataset":
-        return torch.as_tensor(data.build().aabb, dtype=torch.float32)
-    return None
-
-
-def fallback_step_size(stage: Stage, aabb: torch.Tensor, settings: RenderSettings) -> float:
-    """The marching step of a checkpoint written before renderers saved it: the starting box's
-    diagonal over ``samples_per_diagonal`` (loops that shrink their box keep that step)."""
-    box = None
-    try:
-        box = scene_box(stage)
-    except Gen3DError as error:  # e.g. the data set has moved since
-        warnings.warn(f"cannot read the run's scene box ({error}); marching at the field's own box's step", stacklevel=3)
-    box = aabb.cpu() if box is None else box
-    return float((box[3:] - box[:3]).norm()) / settings.samples_per_diagonal
+def fallback_step_size(aabb: torch.Tensor, settings: RenderSettings) -> float:
+    """The marching step of a checkpoint written before renderers saved theirs: the field's box's
+    diagonal over ``samples_per_diagonal``. A loop that shrank its box kept the step of the box it
+    started in, so this one is a little shorter: the shipped toy's teacher renders within 52 dB
+    of itself at its own step (0.08 dB apart against the held-out photos)."""
+    return float((aabb[3:] - aabb[:3]).norm()) / settings.samples_per_diagonal

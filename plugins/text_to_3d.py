@@ -158,8 +158,11 @@ class TextTo3D(FieldLoop):
         images = out.rgb.view(len(views.cameras), size, size, 3).permute(0, 3, 1, 2)
         prompts = view_prompts(cfg.prompt, views.azimuth, views.elevation, cfg.view_prompts)
         angles = ViewAngles(views.elevation, views.azimuth, views.distance)
+        # Solid and random backgrounds are one colour a view: a guidance that renders its own
+        # target (field-teacher) composites it on the same colour.
+        view_background = None if cfg.background.kind == "learned" else background.view(len(images), -1, 3)[:, 0]
         guided = self.guidance(GuidanceInput(images, prompts, views.cameras, angles, step, self.total_steps,
-                                             generator=self.generator))
+                                             generator=self.generator, background=view_background))
         loss = guided.loss + self.regularisers(out, dirs, shader.normals)
         own = self.trainer.regularizer(step)
         if own is not None:  # the representation's own (e.g. total variation)
