@@ -7,8 +7,6 @@ at a mirrored camera, or in the wrong colour space) must do clearly worse: the c
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 
@@ -18,7 +16,8 @@ import torch
 import trimesh
 
 from conftest import ROOT
-from gen3d import Gen3DError, chamfer, load_recipe, load_trained_field, run_recipe
+from gen3d import Gen3DError, GuidanceInput, chamfer, load_recipe, load_trained_field, run_recipe
+from gen3d import psnr as view_psnr
 from gen3d.errors import ConfigError
 from gen3d.io import load_checkpoint, save_checkpoint
 from gen3d.plugins import get_component
@@ -37,11 +36,11 @@ TEACHER = ["representation.resolutions=[24, 40]", "representation.upsample_at=[4
 STUDENT = ["guidance={type: field-teacher}", "prompt=the toy", "shading.albedo=1.0", "shading.textureless=0",
            "background.kind=solid", "background.color=[1.0, 1.0, 1.0]", "cameras.elevation=[-15, 70]",
            "cameras.distance=[3.5, 4.5]", "cameras.fov=[35, 45]", "regularisers.orientation=0",
-           "representation.lr=0.1", "representation.density_lr=1.0",
+           "representation.lr=0.1", "representation.density_lr=1.0", "guidance.weight=0.001",
            "cameras.sizes=[32]", "cameras.size_at=[]", "representation.resolutions=[24, 32]",
            "representation.upsample_at=[30]", "render.samples_per_diagonal=96", "export.formats=[]",
            "export.resolution=48", "preview.turntable_frames=0", "max_seconds=null", "checkpoint_every=1000",
-           "steps=60"]
+           "steps=100"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,8 @@ def test_views(small_dataset):
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.mean([-10 * math.log10(max(float(((x - y) ** 2).mean()), 1e-10)) for x, y in zip(a, b)]))
+    """Mean over views, as the loops' held-out PSNR."""
+    return float(np.mean([view_psnr(x.numpy(), y.numpy()) for x, y in zip(a, b)]))
 
 
 def teacher_guidance(run, **settings):
@@ -154,6 +154,18 @@ def test_gradient_is_a_perfect_denoisers(teacher):
     assert result.metrics["teacher_psnr"] == pytest.approx(psnr(images.detach(), x_teacher), abs=0.5)
 
 
+def test_the_teacher_renders_on_each_views_background(teacher):
+    """Where the loop says what colour each view was composited on, the teacher uses it."""
+    guidance = teacher_guidance(teacher[0])
+    images = torch.rand(2, 3, 16, 16)
+    batch = guidance_batch(images, ["a", "b"], distance=4.0)
+    batch.background = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    corners = guidance.render_teacher(batch)[:, :, 0, 0]  # empty space
+    torch.testing.assert_close(corners, batch.background, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="background must be"):
+        GuidanceInput(images, ["a", "b"], batch.cameras, batch.angles, background=torch.ones(3))
+
+
 def test_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="guidance.run: missing required setting"):
         load_recipe(ROOT / "recipes" / "dreamfusion.yaml", ["guidance={type: field-teacher}", "prompt=x"])
@@ -195,9 +207,9 @@ def distilled(teacher, test_views, tmp_path_factory):
 @pytest.mark.slow
 def test_distillation_rebuilds_the_teacher(distilled, teacher, test_views, small_dataset, tmp_path):
     out, metrics, score = distilled
-    assert metrics["steps"] == 60
+    assert metrics["steps"] == 100
     blob = student_psnr_of_untrained(teacher[0], test_views[0], tmp_path)
-    assert score > 24 and score > blob + 8, (score, blob)
+    assert score > 25 and score > blob + 8, (score, blob)
     # Its export lies on the object (PLY is written in the world's Z-up frame).
     assert chamfer(trimesh.load(out / "mesh.ply", process=False), small_dataset / "mesh.ply") < 0.05
 
