@@ -24,7 +24,7 @@ from .errors import Gen3DError
 from .export import MeshSettings, export_mesh, extract_mesh, level_from_silhouettes
 from .fields import SurfaceField
 from .io import atomic_path, to_uint8, write_gif
-from .render import cell_max_density
+from .render import cell_max_density, pixel_means
 
 
 @dataclass
@@ -108,7 +108,7 @@ def finish_stage(run, outputs: StageOutputs, export: MeshSettings, preview: Prev
         settings = export
         if settings.level is None and not isinstance(outputs.field, SurfaceField):
             settings = replace(export, level=surface_level(outputs))
-            settings.exporters = export.exporters
+            settings.exporters = export.exporters  # resolved at validation; replace() does not copy it
         if settings.level is not None and not isinstance(outputs.field, SurfaceField):
             metrics["export_level"] = round(settings.level, 4)
         began = time.perf_counter()
@@ -126,33 +126,32 @@ def finish_stage(run, outputs: StageOutputs, export: MeshSettings, preview: Prev
     return metrics
 
 
-def held_out_metrics(run, outputs: StageOutputs, preview: PreviewSettings, limit: int | None = None,
-                     with_ssim: bool = True) -> dict[str, Any]:
-    """PSNR (and SSIM) of the loop's renderings against the held-out images; test_views.png."""
+def held_out_renders(run, outputs: StageOutputs, limit: int | None = None) -> tuple[list, list]:
+    """The loop's renderings of the first ``limit`` held-out views (all by default) and the images."""
     held = outputs.held_out
     count = len(held.cameras) if limit is None else min(limit, len(held.cameras))
     cameras = held.cameras.to(run.device)
-    preds = [outputs.render_view(cameras, i) for i in range(count)]
-    truths = [held.truth(i) for i in range(count)]
-    metrics: dict[str, Any] = {"psnr_test": round(float(np.mean([psnr(p, t) for p, t in zip(preds, truths)])), 3)}
-    if with_ssim:
-        from skimage.metrics import structural_similarity
+    return [outputs.render_view(cameras, i) for i in range(count)], [held.truth(i) for i in range(count)]
 
-        metrics["ssim_test"] = round(float(np.mean([structural_similarity(p, t, channel_axis=2, data_range=1.0)
-                                                    for p, t in zip(preds, truths)])), 4)
-        metrics["test_views"] = count
-        write_comparison(run.path("test_views.png"), preds, truths, preview.test_images)
-    return metrics
+
+def held_out_metrics(run, outputs: StageOutputs, preview: PreviewSettings) -> dict[str, Any]:
+    """PSNR and SSIM of the loop's renderings against every held-out image; test_views.png."""
+    from skimage.metrics import structural_similarity
+
+    preds, truths = held_out_renders(run, outputs)
+    write_comparison(run.path("test_views.png"), preds, truths, preview.test_images)
+    return {"psnr_test": round(float(np.mean([psnr(p, t) for p, t in zip(preds, truths)])), 3),
+            "ssim_test": round(float(np.mean([structural_similarity(p, t, channel_axis=2, data_range=1.0)
+                                              for p, t in zip(preds, truths)])), 4),
+            "test_views": len(preds)}
 
 
 def quick_psnr(run, outputs: StageOutputs, limit: int) -> dict[str, float]:
     """Held-out PSNR on the first ``limit`` views, for evaluations during training."""
     if outputs.held_out is None or not len(outputs.held_out.cameras):
         return {}
-    held = outputs.held_out
-    cameras = held.cameras.to(run.device)
-    count = min(limit, len(held.cameras))
-    return {"psnr_test": float(np.mean([psnr(outputs.render_view(cameras, i), held.truth(i)) for i in range(count)]))}
+    preds, truths = held_out_renders(run, outputs, limit)
+    return {"psnr_test": float(np.mean([psnr(p, t) for p, t in zip(preds, truths)]))}
 
 
 @torch.no_grad()
@@ -229,8 +228,6 @@ def plain_view_renderer(renderer, field, background: torch.Tensor, offsets: int 
     """Draw a camera's image with ``renderer`` on a fixed background (what most loops want)."""
 
     def render(cameras: Cameras, index: int) -> np.ndarray:
-        from .render import pixel_means
-
         h, w = cameras.height, cameras.width
         origins, dirs = cameras.image_rays(index, supersample, pixel_filter)
         out = renderer.render_chunked(field, origins, dirs, background.to(origins.device), offsets=offsets)

@@ -9,6 +9,7 @@ stage's exports and previews to the top. ``--resume`` skips finished stages (tho
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -126,8 +127,6 @@ def _started(folder: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
