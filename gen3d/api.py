@@ -16,7 +16,8 @@ from .errors import ConfigError, DataError, Gen3DError, PluginError, TrainingDiv
 from .export import MeshSettings, up_axis
 from .fields import (CAPABILITIES, DensitySurface, Field, RadianceField, RefittableField, SurfaceField,
                      TrainableField, surface_of)
-from .guidance import (Guidance, GuidanceInput, GuidanceOutput, ReferenceView, ViewAngles, Weighting, sample_timesteps,
+from .guidance import (Guidance, GuidanceInput, GuidanceOutput, ReferenceView, ViewAngles, Weighting, ZeroVariant,
+                       annealed, ddpm_alphas_cumprod, perfect_denoiser_gradient, relative_camera, sample_timesteps,
                        sds_loss, sds_weights, t_range)
 from .hookspecs import hookimpl
 from .hub import load_pretrained, pick_dtype, resolve

@@ -13,8 +13,9 @@ Camera convention of :class:`ViewAngles` (gen3d's world is right-handed and Z up
   along -x at the object's front; in [-180, 180);
 - ``distance``: from the camera to the look-at point, in world units.
 
-A model with another convention converts from these (e.g. Zero-1-to-3's polar angle is
-``90 - elevation``).
+A model with another convention converts from these: Zero-1-to-3 (:func:`relative_camera`)
+measures the polar angle from +z (``90 - elevation``) and the azimuth as ``atan2(y, x)`` of the
+camera's position, in a Z-up world: gen3d's azimuth, with the same sign.
 """
 
 from __future__ import annotations
@@ -160,3 +161,69 @@ def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     averaged over the batch): d/dz 0.5 ||z - stopgrad(z - grad)||^2 = grad."""
     target = (latents - grad).detach()
     return 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)
+
+
+def annealed(start: float, end: float, step: int, steps: int) -> float:
+    """A setting that moves linearly from ``start`` to ``end`` over the first ``steps`` steps, then stays."""
+    if steps <= 0:
+        return end
+    return start + (end - start) * min(1.0, step / steps)
+
+
+def perfect_denoiser_gradient(images: torch.Tensor, target: torch.Tensor, alphas_cumprod: torch.Tensor,
+                              t: torch.Tensor, noise: torch.Tensor, weighting: Weighting,
+                              grad_clip: float | None = None) -> torch.Tensor:
+    """w(t) (eps_hat - eps) of a denoiser that knows the clean image is ``target``: for
+    x_t = sqrt(abar) x + sqrt(1 - abar) eps it predicts eps_hat = (x_t - sqrt(abar) target) / sqrt(1 - abar),
+    so the gradient is w(t) sqrt(abar / (1 - abar)) (x - target). The teachers (``field-teacher``,
+    ``view-teacher``) use it in image space; no graph is kept."""
+    with torch.no_grad():
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x = images.detach().float()
+        noisy = abar.sqrt() * x + (1 - abar).sqrt() * noise
+        eps_hat = (noisy - abar.sqrt() * target.float()) / (1 - abar).sqrt()
+        grad = sds_weights(alphas_cumprod, t, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
+        grad = torch.nan_to_num(grad)
+        if grad_clip is not None:
+            grad = grad.clamp(-grad_clip, grad_clip)
+    return grad
+
+
+def ddpm_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000,
+                        schedule: Literal["scaled_linear", "linear"] = "scaled_linear") -> torch.Tensor:
+    """abar_t of a DDPM noise schedule (diffusers' DDPMScheduler with the same betas gives the same);
+    the defaults are Stable Diffusion's (and Zero-1-to-3's) training schedule."""
+    if schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
+    else:
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# --- view-conditioned diffusion (Zero-1-to-3, Stable Zero123) ------------------------------------
+
+ZeroVariant = Literal["zero123", "stable-zero123"]
+
+
+def relative_camera(views: ViewAngles, reference: ViewAngles, variant: ZeroVariant = "zero123") -> torch.Tensor:
+    """Zero-1-to-3's camera conditioning T [B, 4] of each view relative to the reference view, as
+    the model was trained (Zero-1-to-3's ``get_T``: spherical coordinates of the camera positions,
+    polar angle theta from +z, azimuth phi = atan2(y, x), radius r, in a Z-up world):
+
+        T = [theta_view - theta_ref (radians), sin(phi_view - phi_ref), cos(phi_view - phi_ref), x]
+
+    with x = r_view - r_ref for ``zero123`` and x = theta_ref (the reference's absolute polar
+    angle, radians) for ``stable-zero123``. gen3d's elevation is 90 degrees - theta and its azimuth is
+    phi, so a view above the reference has a negative first entry and a view counter-clockwise of
+    it (seen from above) a positive sine. ``reference`` holds one view (or B)."""
+    polar_view = torch.deg2rad(90.0 - views.elevation.float())
+    polar_ref = torch.deg2rad(90.0 - reference.elevation.float()).expand_as(polar_view)
+    delta_azimuth = torch.deg2rad(views.azimuth.float() - reference.azimuth.float())
+    if variant == "zero123":
+        fourth = views.distance.float() - reference.distance.float()
+    elif variant == "stable-zero123":
+        fourth = polar_ref
+    else:
+        raise ValueError(f"model variant must be zero123 or stable-zero123, got {variant!r}")
+    return torch.stack([polar_view - polar_ref, torch.sin(delta_azimuth), torch.cos(delta_azimuth),
+                        fourth.expand_as(polar_view)], dim=-1)

@@ -200,14 +200,11 @@ def recipe_from_dict(data: dict[str, Any], ctx: Context) -> Recipe:
 
 
 def _staged(data: dict[str, Any], ctx: Context) -> Recipe:
-    for key in data:
-        if key not in RUN_KEYS + ["stages"]:
-            raise fail(ctx, key, f"{_unknown(key, RUN_KEYS + ['stages'])} (a recipe with stages: keeps every "
-                                 "other setting inside its stages)")
     run = from_dict(RunSettings, {k: v for k, v in data.items() if k in RUN_KEYS}, ctx)
     raw = data["stages"]
     if not isinstance(raw, list) or not raw or not all(isinstance(s, dict) for s in raw):
         raise fail(ctx, "stages", "expected a list of stage mappings, each with a name and a loop")
+    raw, ctx = _share_inputs(data, raw, ctx)
     stages: list[Stage] = []
     for i, entry in enumerate(raw):
         key = f"stages[{i}]"
@@ -222,6 +219,50 @@ def _staged(data: dict[str, Any], ctx: Context) -> Recipe:
                                                 f"earlier stages: {', '.join(names) or '(none)'}")
         stages.append(stage)
     return Recipe(settings=run, stages=stages, source=ctx.source, staged=True)
+
+
+def _share_inputs(data: dict[str, Any], raw: list[dict], ctx: Context) -> tuple[list[dict], Context]:
+    """A multi-stage recipe's other top-level keys are its inputs (``image=photo.jpg``): each goes
+    to every stage whose loop has that key and does not set it itself, so one override on the
+    command line reaches the stage that reads it. A key no stage takes is an error."""
+    shared = {k: v for k, v in data.items() if k not in RUN_KEYS + ["stages"]}
+    entries = [dict(entry) for entry in raw]
+    cli_keys = set(ctx.cli_keys) | _stage_cli_keys(ctx.cli_keys, entries)
+    takes = [_loop_keys(ctx, entry, i) for i, entry in enumerate(entries)] if shared else []
+    for key, value in shared.items():
+        takers = [i for i, entry in enumerate(entries) if key in takes[i] and key not in entry]
+        if not takers:
+            known = sorted(set().union(*takes))
+            raise fail(ctx, key, f"{_unknown(key, RUN_KEYS + ['stages'] + known)} (a recipe with stages: passes a "
+                                 "top-level key to the stages whose loop takes it, and none takes this one)")
+        for i in takers:
+            entries[i][key] = copy.deepcopy(value)
+            if key in ctx.cli_keys:  # a path given on the command line stays relative to the cwd
+                cli_keys.add(f"stages[{i}].{key}")
+    return entries, Context(source=ctx.source, base_dir=ctx.base_dir, cli_keys=frozenset(cli_keys),
+                            registry=ctx.registry)
+
+
+def _stage_cli_keys(cli_keys: frozenset[str], entries: list[dict]) -> set[str]:
+    """``stages.fine.data.path`` (by name or index, as overrides say it) as validation names it,
+    ``stages[1].data.path``: so a path set on the command line resolves against the cwd."""
+    names = [entry.get("name") for entry in entries]
+    out = set()
+    for key in cli_keys:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "stages":
+            index = int(parts[1]) if parts[1].isdigit() else names.index(parts[1]) if parts[1] in names else None
+            if index is not None:
+                out.add(f"stages[{index}]." + ".".join(parts[2:]))
+    return out
+
+
+def _loop_keys(ctx: Context, entry: dict[str, Any], index: int) -> set[str]:
+    """The config keys of a stage's loop (none when the stage names no loop: reported later)."""
+    if "loop" not in entry:
+        return set()
+    component = ctx.registry.get("loop", str(entry["loop"]), where=f"{ctx.source}: stages[{index}].loop")
+    return {f.name for f in fields(component.config)} - set(STAGE_KEYS) if component.config else set()
 
 
 def _stage(data: dict[str, Any], ctx: Context, prefix: str, other_keys: list[str]) -> Stage:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from tqdm import tqdm
 
+from .errors import ConfigError
 from .io import inside
 from .recipe import Recipe, StageSettings
 
@@ -49,6 +50,16 @@ class Run:
     def log(self, message: str) -> None:
         if not self.quiet:
             tqdm.write(message, file=sys.stderr)
+
+    def earlier_stage_path(self, stage: str, relative: str) -> Path:
+        """A file in an earlier stage's folder of this run (``RUN/stages/NAME/relative``), e.g. the
+        cut-out a preprocessing stage wrote; a ConfigError names the stage when there is none."""
+        names = [s.settings.name for s in self.recipe.stages]
+        earlier = names[:names.index(self.stage.name)] if self.stage.name in names else []
+        if not self.recipe.staged or stage not in earlier:
+            raise ConfigError(f"{self.recipe.source}: stage {self.stage.name!r} reads from stage {stage!r}, "
+                              f"which is not an earlier stage of this recipe (earlier: {', '.join(earlier) or 'none'})")
+        return inside(self.out_dir.parent, f"{stage}/{relative}")
 
     def field_of(self, stage: str) -> Any:
         """The trained field of an earlier stage of this run."""

@@ -8,6 +8,7 @@ weights): they check plumbing, shapes and speed, not quality.
 
     python -m gen3d.testing stable-diffusion DIR   # a diffusers Stable Diffusion folder
     python -m gen3d.testing clip DIR               # a transformers CLIP folder
+    python -m gen3d.testing zero123 DIR            # a diffusers Zero-1-to-3 folder (ashawkey's layout)
 """
 
 from __future__ import annotations
@@ -108,6 +109,65 @@ def make_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
     return folder
 
 
+def make_tiny_zero123(folder: Path, seed: int = 0, latent_size: int = 16, naming: str = "ashawkey",
+                      weights: str = "safetensors") -> Path:
+    """A Zero-1-to-3 folder in the layout users download: ``model_index.json`` (Zero123Pipeline),
+    ``unet/`` (8 input channels), ``vae/``, ``image_encoder/`` (CLIPVisionModelWithProjection),
+    ``feature_extractor/``, ``scheduler/`` (DDIM) and the camera projection. ``naming``:
+    ``ashawkey`` (``clip_camera_projection/``, keys ``proj.*``, as ashawkey/zero123-xl-diffusers and
+    ashawkey/stable-zero123-diffusers) or ``community`` (``cc_projection/``, keys ``projection.*``,
+    the diffusers community pipeline's). ``weights``: the projection's file, safetensors or bin."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    context = 32
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=8, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
+        attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=32, sample_size=latent_size * 2, scaling_factor=0.18215)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=context)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
+        .save_pretrained(folder / "feature_extractor")
+    scheduler.save_pretrained(folder / "scheduler")
+    sub, prefix, projection_class = (("clip_camera_projection", "proj.", ["zero123", "CLIPCameraProjection"])
+                                     if naming == "ashawkey" else
+                                     ("cc_projection", "projection.", ["pipeline_zero1to3", "CCProjection"]))
+    linear = torch.nn.Linear(context + 4, context)
+    (folder / sub).mkdir(exist_ok=True)
+    state = {prefix + "weight": linear.weight.detach().contiguous(), prefix + "bias": linear.bias.detach().contiguous()}
+    if weights == "safetensors":
+        save_file(state, str(folder / sub / "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save(state, folder / sub / "diffusion_pytorch_model.bin")
+    (folder / sub / "config.json").write_text(json.dumps(
+        {"_class_name": projection_class[1], "embedding_dim": context, "additional_embeddings": 4}
+        if naming == "ashawkey" else {"_class_name": projection_class[1], "in_channel": context + 4,
+                                      "out_channel": context}))
+    pipeline = "Zero123Pipeline" if naming == "ashawkey" else "Zero1to3StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": pipeline, "_diffusers_version": "0.24.0", sub: projection_class,
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return folder
+
+
 def guidance_batch(images: torch.Tensor, prompts: list[str], step: int = 0, total_steps: int = 1,
                    generator: torch.Generator | None = None, distance: float = 2.5,
                    elevation: float = 15.0):
@@ -134,7 +194,7 @@ def build_loop(recipe, out_dir: Path, device: str = "cpu", stage: int = 0):
 
 
 def main(argv: list[str]) -> int:
-    makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip}
+    makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip, "zero123": make_tiny_zero123}
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m gen3d.testing {{{','.join(makers)}}} DIR", file=sys.stderr)
         return 2

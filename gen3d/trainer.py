@@ -40,7 +40,8 @@ def pick_device(name: str) -> torch.device:
 
 
 CHECKPOINT = "checkpoints/last.safetensors"
-FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.gif", "test_views.png")
+FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.gif", "test_views.png", "reference.png",
+               "cutout.png")
 
 
 def stage_dir(recipe: Recipe, out_dir: Path, stage: Stage) -> Path:

@@ -31,8 +31,8 @@ from typing import Literal
 
 import torch
 
-from gen3d import (Component, Gen3DError, GuidanceInput, GuidanceOutput, TrainedField, Weighting, hookimpl,
-                   load_trained_field, psnr, sample_timesteps, sds_loss, sds_weights, t_range)
+from gen3d import (Component, Gen3DError, GuidanceInput, GuidanceOutput, TrainedField, Weighting, ddpm_alphas_cumprod,
+                   hookimpl, load_trained_field, perfect_denoiser_gradient, psnr, sample_timesteps, sds_loss, t_range)
 
 
 @dataclass
@@ -94,13 +94,7 @@ class FieldTeacherConfig:
 
 
 def alphas_cumprod(config: FieldTeacherConfig) -> torch.Tensor:
-    """abar_t of the DDPM schedule (diffusers' DDPMScheduler with the same betas gives the same)."""
-    n = config.num_train_timesteps
-    if config.beta_schedule == "scaled_linear":
-        betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n, dtype=torch.float32) ** 2
-    else:
-        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
-    return torch.cumprod(1.0 - betas, dim=0)
+    return ddpm_alphas_cumprod(config.beta_start, config.beta_end, config.num_train_timesteps, config.beta_schedule)
 
 
 class FieldTeacher:
@@ -122,16 +116,8 @@ class FieldTeacher:
     def gradient(self, images: torch.Tensor, teacher: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
         """w(t) (eps_hat - eps) of a perfect denoiser of the teacher's images; no graph is kept."""
-        with torch.no_grad():
-            abar = self.alphas[t].view(-1, 1, 1, 1)
-            x = images.detach().float()
-            noisy = abar.sqrt() * x + (1 - abar).sqrt() * noise
-            eps_hat = (noisy - abar.sqrt() * teacher.float()) / (1 - abar).sqrt()
-            grad = sds_weights(self.alphas, t, self.config.weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
-            grad = torch.nan_to_num(grad)
-            if self.config.grad_clip is not None:
-                grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
-        return grad
+        return perfect_denoiser_gradient(images, teacher, self.alphas, t, noise, self.config.weighting,
+                                         self.config.grad_clip)
 
     def __call__(self, batch: GuidanceInput) -> GuidanceOutput:
         images = batch.images

@@ -34,6 +34,7 @@ class GrabCutConfig:
     iterations: int = 4  # GrabCut iterations
     seed_contrast: float = 4.0  # object seeds: this many noise levels away from the background colour ...
     min_contrast: float = 10.0  # ... and at least this far (CIE Lab units, ~2 = barely visible)
+    grow_contrast: float = 3.0  # weaker pixels, this many noise levels off, join the seeds they touch
     max_noise: float = 6.0  # unsure when the border strays more than this from a smooth colour (Lab units)
     max_clutter: float = 0.25  # unsure when more border pixels than this stray from the background model
     min_area: float = 0.002  # regions smaller than this fraction of the image are ignored
@@ -115,7 +116,8 @@ class GrabCut:
         lab = cv2.cvtColor(cv2.GaussianBlur(small, (3, 3), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
         strip = max(2, round(config.border * min(small.shape[:2])))
         border = _border_mask(small.shape[:2], strip)
-        distance, noise, stray = _background_distance(lab, border, far=config.min_contrast)
+        background = _Background.fit(lab, border, config.min_contrast)
+        distance, noise, stray = background.distance(lab), background.noise, background.stray
         unsure = []
         if noise > config.max_noise or stray > config.max_clutter:
             unsure.append(f"the background is not plain: along the image border the colour strays {noise:.0f} "
@@ -125,16 +127,24 @@ class GrabCut:
         # Seeds: clearly unlike the background. Capped, so a busy background still gets a (doubted) try.
         threshold = min(max(config.seed_contrast * noise, config.min_contrast), 3 * config.min_contrast)
         seeds = distance > threshold
+        # A pale object on a pale background has parts (a thin handle, a spout, a rim in the light)
+        # that are only a little off the background: grow the seeds into them, so GrabCut sees
+        # them as probable object rather than probable background.
+        grown = _grown(distance, seeds, self._low(noise))
         labels = np.full(small.shape[:2], cv2.GC_PR_BGD, np.uint8)
-        labels[seeds] = cv2.GC_PR_FGD
+        labels[grown] = cv2.GC_PR_FGD
         labels[distance > 2 * threshold] = cv2.GC_FGD
         labels[border & ~seeds] = cv2.GC_BGD  # border pixels that look like background
+        labels[_holes(grown, distance, noise)] = cv2.GC_BGD
         coarse = _clean(_grabcut(small, labels, config.iterations), config.min_area)
         full_size = (image.shape[1], image.shape[0])
-        mask = _refine(image, _resize_bool(coarse, full_size), config)
+        mask = _refine(image, _resize_bool(coarse, full_size), config, background, threshold, self._low)
         found = _Found(image, _clean(mask, config.min_area), _resize_bool(seeds, full_size), unsure)
         self._last = found
         return found
+
+    def _low(self, noise: float) -> float:
+        return max(self.config.grow_contrast * noise, 0.3 * self.config.min_contrast)
 
     def _in_box(self, image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         small, factor = _shrink(image, self.config.work_side)
@@ -148,11 +158,14 @@ class GrabCut:
         return _resize_bool(mask, (image.shape[1], image.shape[0]))
 
 
-def _refine(image: np.ndarray, coarse: np.ndarray, config: GrabCutConfig) -> np.ndarray:
+def _refine(image: np.ndarray, coarse: np.ndarray, config: GrabCutConfig, background: _Background,
+            threshold: float, low) -> np.ndarray:
     """GrabCut again around the coarse mask at up to ``refine_side`` pixels: sharper edges.
 
     The coarse pass ran on a small copy of the whole photo; this one sees only the object's
-    surroundings, so a small object gets many more pixels for the same cost.
+    surroundings, so a small object gets many more pixels for the same cost. The colour
+    contrast to the background is measured again at this size and labels the object's thin
+    parts: GrabCut's smoothing alone would cut a pale handle or spout off.
     """
     rows, cols = np.flatnonzero(coarse.any(axis=1)), np.flatnonzero(coarse.any(axis=0))
     if len(rows) == 0:
@@ -167,16 +180,47 @@ def _refine(image: np.ndarray, coarse: np.ndarray, config: GrabCutConfig) -> np.
     # Unsure within a band around the coarse edge; sure background beyond it.
     band = max(3, round(0.04 * max(crop.shape[:2])))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
-    reach = cv2.dilate(near.astype(np.uint8), kernel) > 0
+    lab = cv2.cvtColor(cv2.GaussianBlur(crop, (3, 3), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    distance = background.distance(lab, (x0 / w, y0 / h, x1 / w, y1 / h))
+    far = cv2.dilate(near.astype(np.uint8), kernel) == 0
+    # The noise grows as the pixels get smaller: measure it here, on what is surely background.
+    noise = max(1.4826 * float(np.median(distance[far])), background.noise) if far.any() else background.noise
+    grown = _grown(distance, near & (distance > threshold), low(noise))
+    strong = cv2.erode((grown & (distance > 2 * threshold)).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    reach = cv2.dilate((near | grown).astype(np.uint8), kernel) > 0
     core = cv2.erode(near.astype(np.uint8), kernel) > 0
     labels = np.full(near.shape, cv2.GC_BGD, np.uint8)
     labels[reach] = cv2.GC_PR_BGD
-    labels[near] = cv2.GC_PR_FGD
-    labels[core] = cv2.GC_FGD
+    labels[near | grown] = cv2.GC_PR_FGD
+    labels[core | strong] = cv2.GC_FGD
+    labels[_holes(grown, distance, noise)] = cv2.GC_BGD
     fine = _grabcut(crop, labels, config.iterations)
     out = np.zeros_like(coarse)
     out[y0:y1, x0:x1] = _resize_bool(fine, (x1 - x0, y1 - y0))
     return out
+
+
+def _holes(grown: np.ndarray, distance: np.ndarray, noise: float) -> np.ndarray:
+    """The enclosed gaps in the object (inside a handle, between legs) that are the background.
+
+    A gap counts when its colour is as close to the background as the border's own noise;
+    a stretch of the object that only happens to be lit near the background colour is
+    further off on the whole, and stays for GrabCut to settle.
+    """
+    gaps = (~grown).astype(np.uint8)
+    count, labels = cv2.connectedComponents(gaps, connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    # Judged on the gap's inside: its rim is blurred with the object around it.
+    inside = (cv2.distanceTransform(gaps, cv2.DIST_L2, 3) > 2).ravel()
+    index, values = labels.ravel()[inside], distance.ravel()[inside]
+    order = np.argsort(index, kind="stable")
+    index, values = index[order], values[order]
+    starts = np.searchsorted(index, np.arange(count + 1))
+    keep = np.zeros(count, bool)
+    for i in range(1, count):
+        if i not in edge and starts[i + 1] > starts[i]:
+            keep[i] = np.median(values[starts[i]:starts[i + 1]]) < 1.5 * noise
+    return keep[labels]
 
 
 def _shrink(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -200,20 +244,57 @@ def _background_distance(lab: np.ndarray, border: np.ndarray, far: float = 10.0)
     ``far`` Lab units off the model). ``far`` is fixed, not a multiple of the noise: measured
     against its own noise level a busy border would never look far off.
     """
-    h, w = lab.shape[:2]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    xs, ys = xs / w - 0.5, ys / h - 0.5
-    basis = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)  # quadratic surface
-    samples, colours = basis[border], lab[border]
-    use = np.ones(len(samples), bool)
-    for _ in range(3):  # refit without the outliers (an object touching the border, a stray shadow)
-        coeffs, *_ = np.linalg.lstsq(samples[use], colours[use], rcond=None)
-        residual = np.linalg.norm(colours - samples @ coeffs, axis=-1)
-        noise = max(1.4826 * float(np.median(residual[use])), 0.5)  # robust sigma (MAD), floored
-        use = residual < max(4 * noise, 3.0)
-    distance = np.linalg.norm(lab - basis @ coeffs, axis=-1)
-    stray = float((residual > far).mean())
-    return distance, noise, stray
+    background = _Background.fit(lab, border, far)
+    return background.distance(lab), background.noise, background.stray
+
+
+@dataclass
+class _Background:
+    """The border's smooth colour surface: quadratic in x and y per Lab channel.
+
+    Positions are fractions of the whole image, so the same surface serves the small copy
+    of the photo and a sharper crop of it.
+    """
+
+    coeffs: np.ndarray  # [6, 3]
+    noise: float  # robust sigma of the border's distance to the surface, Lab units
+    stray: float  # fraction of border pixels more than ``far`` off
+
+    @staticmethod
+    def fit(lab: np.ndarray, border: np.ndarray, far: float) -> _Background:
+        basis = _basis(lab.shape[:2], (0.0, 0.0, 1.0, 1.0))
+        samples, colours = basis[border], lab[border]
+        use = np.ones(len(samples), bool)
+        for _ in range(3):  # refit without the outliers (an object touching the border, a stray shadow)
+            coeffs, *_ = np.linalg.lstsq(samples[use], colours[use], rcond=None)
+            residual = np.linalg.norm(colours - samples @ coeffs, axis=-1)
+            noise = max(1.4826 * float(np.median(residual[use])), 0.5)  # robust sigma (MAD), floored
+            use = residual < max(4 * noise, 3.0)
+        return _Background(coeffs, noise, float((residual > far).mean()))
+
+    def distance(self, lab: np.ndarray, window: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> np.ndarray:
+        """Distance of ``lab`` to the surface; ``lab`` covers ``window`` (x0, y0, x1, y1, fractions)."""
+        return np.linalg.norm(lab - _basis(lab.shape[:2], window) @ self.coeffs, axis=-1)
+
+
+def _basis(shape: tuple[int, int], window: tuple[float, float, float, float]) -> np.ndarray:
+    h, w = shape
+    x0, y0, x1, y1 = window
+    xs = x0 + (x1 - x0) * (np.arange(w, dtype=np.float32) + 0.5) / w - 0.5
+    ys = y0 + (y1 - y0) * (np.arange(h, dtype=np.float32) + 0.5) / h - 0.5
+    ys, xs = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
+
+
+def _grown(distance: np.ndarray, seeds: np.ndarray, low: float) -> np.ndarray:
+    """Hysteresis: pixels above ``low`` that connect to a seed (a weakly lit handle, a pale rim)."""
+    count, labels = cv2.connectedComponents((distance > low).astype(np.uint8), connectivity=8)
+    hit = np.zeros(count, bool)
+    hit[np.unique(labels[seeds])] = True
+    hit[0] = False
+    grown = hit[labels]
+    # Its outermost pixel is mostly the blur between object and background: leave that to GrabCut.
+    return seeds | (cv2.erode(grown.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
 
 
 def _grabcut(image: np.ndarray, labels: np.ndarray, iterations: int) -> np.ndarray:

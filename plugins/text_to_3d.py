@@ -274,12 +274,14 @@ class Shader:
         self.field, self.mode, self.light = field, mode, light
         self.rays_per_view, self.settings, self.need_normals = rays_per_view, settings, need_normals
         self.normals: torch.Tensor | None = None
+        self.points: torch.Tensor | None = None  # where the normals were taken (for smoothness losses)
 
     def __call__(self, points: torch.Tensor, dirs: torch.Tensor, ray_index: torch.Tensor):
         sigma, albedo = self.field(points, dirs)
         if not self.need_normals:
             return sigma, albedo
         self.normals = normals(self.field, points, dirs, self.settings.normal_eps)
+        self.points = points
         if self.mode == "albedo":
             return sigma, albedo
         light = self.light[ray_index // self.rays_per_view]  # rays are view-major
