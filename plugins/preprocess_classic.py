@@ -16,7 +16,7 @@ adds its own checks (mask at the border, mask covering most of the photo).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +39,7 @@ class GrabCutConfig:
     max_clutter: float = 0.25  # unsure when more border pixels than this stray from the background model
     min_area: float = 0.002  # regions smaller than this fraction of the image are ignored
     max_pieces_ratio: float = 0.25  # unsure when a second region is at least this large relative to the first
+    max_faint: float = 0.2  # unsure when more of the object's inside than this is no seed (too near the background colour)
 
     ROLES: ClassVar[tuple[str, ...]] = ("detector", "segmenter")
 
@@ -138,8 +139,16 @@ class GrabCut:
         labels[_holes(grown, distance, noise)] = cv2.GC_BGD
         coarse = _clean(_grabcut(small, labels, config.iterations), config.min_area)
         full_size = (image.shape[1], image.shape[0])
-        mask = _refine(image, _resize_bool(coarse, full_size), config, background, threshold, self._low)
-        found = _Found(image, _clean(mask, config.min_area), _resize_bool(seeds, full_size), unsure)
+        mask = _clean(_refine(image, _resize_bool(coarse, full_size), config, background, threshold, self._low),
+                      config.min_area)
+        # Where the object is barely off the background colour its outline is GrabCut's guess.
+        inside = cv2.erode(_resize_bool(mask, small.shape[1::-1]).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        faint = float((inside & ~seeds).sum() / max(inside.sum(), 1))
+        if faint > config.max_faint:
+            unsure.append(f"the object is hard to tell from the background: {faint:.0%} of it is within "
+                          f"{threshold:.0f} Lab units of the background colour (sure: under {config.max_faint:.0%}), "
+                          "so thin or pale parts may be lost or background kept; try a model segmenter")
+        found = _Found(image, mask, _resize_bool(seeds, full_size), unsure)
         self._last = found
         return found
 
@@ -159,7 +168,7 @@ class GrabCut:
 
 
 def _refine(image: np.ndarray, coarse: np.ndarray, config: GrabCutConfig, background: _Background,
-            threshold: float, low) -> np.ndarray:
+            threshold: float, low: Callable[[float], float]) -> np.ndarray:
     """GrabCut again around the coarse mask at up to ``refine_side`` pixels: sharper edges.
 
     The coarse pass ran on a small copy of the whole photo; this one sees only the object's
