@@ -230,12 +230,12 @@ def _share_inputs(data: dict[str, Any], raw: list[dict], ctx: Context) -> tuple[
     cli_keys = set(ctx.cli_keys) | _stage_cli_keys(ctx.cli_keys, entries)
     takes = [_loop_keys(ctx, entry, i) for i, entry in enumerate(entries)] if shared else []
     for key, value in shared.items():
-        takers = [i for i, entry in enumerate(entries) if key in takes[i] and key not in entry]
+        takers = [i for i in range(len(entries)) if key in takes[i]]
         if not takers:
             known = sorted(set().union(*takes))
             raise fail(ctx, key, f"{_unknown(key, RUN_KEYS + ['stages'] + known)} (a recipe with stages: passes a "
                                  "top-level key to the stages whose loop takes it, and none takes this one)")
-        for i in takers:
+        for i in (i for i in takers if key not in entries[i]):  # a stage's own setting wins
             entries[i][key] = copy.deepcopy(value)
             if key in ctx.cli_keys:  # a path given on the command line stays relative to the cwd
                 cli_keys.add(f"stages[{i}].{key}")

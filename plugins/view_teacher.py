@@ -39,6 +39,9 @@ class TeacherCamera:
     azimuth: float = 0.0
     distance: float = 6.4
     fov: float = 20.0  # the model's fixed field of view: every view is rendered with it
+    # The point the cameras look at and orbit: the object's centre in the teacher's world (the
+    # model's frame is centred on the object, as a centred cut-out is).
+    center: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
 
 @dataclass
@@ -67,6 +70,8 @@ class ViewTeacherConfig:
             raise ValueError(f"background must be 3 numbers in 0..1 (RGB), got {self.background}")
         if not 0 < self.reference.fov < 180 or self.reference.distance <= 0:
             raise ValueError("reference.fov must be within (0, 180) degrees and reference.distance positive")
+        if len(self.reference.center) != 3:
+            raise ValueError(f"reference.center must be a point [x, y, z], got {self.reference.center}")
         if not 1 <= self.offsets <= 16:
             raise ValueError(f"offsets is renderings averaged, 1 to 16; got {self.offsets}")
 
@@ -84,10 +89,12 @@ def camera_position(elevation: float, azimuth: float, distance: float) -> torch.
 
 
 def cameras_from_relative(relative: torch.Tensor, reference_position: torch.Tensor, variant: str,
-                          fov_deg: float, size: int, distance_scale: float = 1.0) -> Cameras:
+                          fov_deg: float, size: int, distance_scale: float = 1.0,
+                          center: torch.Tensor | None = None) -> Cameras:
     """The absolute cameras T [B, 4] describes, relative to a reference camera at
-    ``reference_position`` (looking at the origin), in the model's convention; all ``size`` px
-    square at the model's field of view."""
+    ``reference_position`` (relative to ``center``, which every camera looks at), in the model's
+    convention; all ``size`` px square at the model's field of view."""
+    center = torch.zeros(3) if center is None else center
     polar_ref, azimuth_ref, radius_ref = spherical(reference_position)
     poses = []
     for d_polar, sin_a, cos_a, fourth in relative.double().tolist():
@@ -96,7 +103,7 @@ def cameras_from_relative(relative: torch.Tensor, reference_position: torch.Tens
         radius = radius_ref + fourth * distance_scale if variant == "zero123" else radius_ref
         eye = torch.tensor([radius * math.sin(polar) * math.cos(azimuth), radius * math.sin(polar) * math.sin(azimuth),
                             radius * math.cos(polar)], dtype=torch.float32)
-        poses.append(look_at(eye, torch.zeros(3)))
+        poses.append(look_at(center + eye, center))
     n = len(poses)
     f = torch.full((n,), focal_from_fov(math.radians(fov_deg), size))
     c = torch.full((n,), size / 2)
@@ -110,6 +117,7 @@ class ViewTeacher:
         self.alphas = ddpm_alphas_cumprod().to(self.device)
         ref = config.reference
         self.reference_position = camera_position(ref.elevation, ref.azimuth, ref.distance)
+        self.center = torch.tensor(ref.center, dtype=torch.float32)
         self.reference_psnr: float | None = None
 
     def relative_cameras(self, batch: GuidanceInput) -> torch.Tensor:
@@ -138,7 +146,7 @@ class ViewTeacher:
         rgb = image[:3] * image[3:] + (1 - image[3:]) if image.shape[0] == 4 else image[:3]
         size = rgb.shape[-1]
         own = cameras_from_relative(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), self.reference_position, "zero123",
-                                    self.config.reference.fov, size)
+                                    self.config.reference.fov, size, center=self.center)
         mine = self.render(own, [1.0, 1.0, 1.0])[0].cpu()
         self.reference_psnr = psnr(rgb.numpy(), mine.numpy())
 
@@ -153,7 +161,8 @@ class ViewTeacher:
         relative = self.relative_cameras(batch)
         self.check_variant(relative)
         cameras = cameras_from_relative(relative, self.reference_position, self.config.model_variant,
-                                        self.config.reference.fov, images.shape[-1], self.config.distance_scale)
+                                        self.config.reference.fov, images.shape[-1], self.config.distance_scale,
+                                        self.center)
         background = self.config.background if batch.background is None else batch.background.detach().float()
         target = self.render(cameras, background).to(images.device)
         cfg = self.config
