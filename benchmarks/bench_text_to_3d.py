@@ -113,8 +113,15 @@ def run_case(recipe: str, model: str, batch: int, steps: int, overrides: list[st
     median = timer.median_step_seconds()
     report.update({"seconds_per_step_median": round(median, 4) if median else None,
                    "steps_per_second": round(1 / median, 3) if median else None,
-                   "image_size": rec.loop.cameras.sizes[0], "renderer": m["renderer"],
-                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+                   "image_size": rec.loop.cameras.sizes[0], "renderer": m["renderer"], **peak_memory()})
+    return report
+
+
+def peak_memory() -> dict:
+    """This process's peak RSS, and its peak VRAM and the GPU's name where there is one."""
+    import torch
+
+    report = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         report["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         report["gpu"] = torch.cuda.get_device_name()

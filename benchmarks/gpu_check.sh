@@ -6,7 +6,8 @@
 # packed:   reconstruction benchmark on nerfacc's packed CUDA path
 # batched:  the same on the torch-packed path (GEN3D_NERFACC_CUDA=0), for comparison
 # guidance: text-to-3D steps with Stable Diffusion 2.1-base-sized random models in fp16
-#           (seconds a step, peak VRAM) at batch 1 and 4, and with the tiny models.
+#           (seconds a step, peak VRAM) at batch 1 and 4, and with the tiny models; image-to-3D
+#           steps with a Zero-1-to-3 XL-sized random model in fp16.
 # Each step writes its JSON or log into OUTDIR.
 set -u -o pipefail
 out=${1:?usage: gpu_check.sh OUTDIR [build tests packed batched guidance]}
@@ -37,4 +38,5 @@ fi
 if [[ $parts == *" guidance "* ]]; then
   python3 benchmarks/bench_text_to_3d.py --real-architecture --steps 12 --batches 1 4 > "$out/t23d_sd21.json" 2> "$out/t23d_sd21.err"; tail -c 2500 "$out/t23d_sd21.json"; tail -c 1500 "$out/t23d_sd21.err"
   python3 benchmarks/bench_text_to_3d.py --steps 20 > "$out/t23d_tiny.json" 2> "$out/t23d_tiny.err"; tail -c 2500 "$out/t23d_tiny.json"
+  python3 benchmarks/bench_zero123_speed.py --real-architecture --steps 12 > "$out/i23d_zero123xl.json" 2> "$out/i23d_zero123xl.err"; tail -c 2500 "$out/i23d_zero123xl.json"; tail -c 1500 "$out/i23d_zero123xl.err"
 fi

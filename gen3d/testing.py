@@ -110,7 +110,7 @@ def make_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
 
 
 def make_tiny_zero123(folder: Path, seed: int = 0, latent_size: int = 16, naming: str = "ashawkey",
-                      weights: str = "safetensors") -> Path:
+                      weights: str = "safetensors", architecture: str = "tiny") -> Path:
     """A Zero-1-to-3 folder in the layout users download: ``model_index.json`` (Zero123Pipeline),
     ``unet/`` (8 input channels), ``vae/``, ``image_encoder/`` (CLIPVisionModelWithProjection),
     ``feature_extractor/``, ``scheduler/`` (DDIM) and the camera projection. ``naming``:
@@ -124,23 +124,37 @@ def make_tiny_zero123(folder: Path, seed: int = 0, latent_size: int = 16, naming
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    context = 32
-    unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=8, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
-        attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=32, sample_size=latent_size * 2, scaling_factor=0.18215)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=context)
+    if architecture == "zero123-xl":  # Zero-1-to-3 XL's published configs: SD 1.x's UNet at 256 px, CLIP ViT-L/14
+        context, image_size = 768, 224
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=context, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=0.18215)
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=image_size, patch_size=14, projection_dim=context,
+                                  hidden_act="quick_gelu")
+    else:
+        context, image_size = 32, 32
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=8, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
+            attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
+                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            norm_num_groups=32, sample_size=latent_size * 2, scaling_factor=0.18215)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=image_size, patch_size=8, projection_dim=context)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}) \
         .save_pretrained(folder / "feature_extractor")
     scheduler.save_pretrained(folder / "scheduler")
     sub, prefix, projection_class = (("clip_camera_projection", "proj.", ["zero123", "CLIPCameraProjection"])

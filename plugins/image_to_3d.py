@@ -50,12 +50,17 @@ class ReferenceSettings:
     distance: float = 3.8
     fov: float = 20.0
     size: int = 128  # the reference view is rendered (and the cut-out resized) to this side
+    # Reference pixels a step, drawn at random (None: the whole view). The losses are means over
+    # pixels, so a random subset estimates them without bias at a fraction of the rays.
+    rays: int | None = 4096
 
     def __post_init__(self) -> None:
         if self.image is not None and self.from_stage is not None:
             raise ValueError("give reference.image or reference.from_stage, not both")
         if self.distance <= 0 or not 0 < self.fov < 180 or self.size < 8:
             raise ValueError("reference: distance must be positive, fov within (0, 180), size at least 8")
+        if self.rays is not None and self.rays < 1:
+            raise ValueError(f"reference.rays must be at least 1 (or null: every pixel), got {self.rays}")
 
 
 @dataclass
@@ -299,22 +304,34 @@ class ImageTo3D(FieldLoop):
         return (weights[keep] * (shader.normals[keep] - near).pow(2).sum(-1)).sum() / len(dirs)
 
     def reference_substep(self) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, size = self.config.losses, self.config.reference.size
-        out, _, _ = self.render_views(self.reference_camera, stratified=True)
-        rgb = out.rgb.view(size, size, 3).permute(2, 0, 1)
-        alpha = self.target[3]
-        target_rgb = self.target[:3] * alpha + self.background.view(3, 1, 1) * (1 - alpha)
-        rgb_loss = F.mse_loss(rgb, target_rgb)
-        mask_loss = F.mse_loss(out.opacity.view(size, size), alpha)
+        losses, ref = self.config.losses, self.config.reference
+        pixels = self.reference_pixels()
+        cameras = self.reference_camera.to(self.run.device)
+        origins, dirs = cameras.rays(torch.zeros_like(pixels), (pixels % ref.size).float() + 0.5,
+                                     (pixels // ref.size).float() + 0.5)
+        out = self.renderer.render(self.field, origins, dirs, self.background, stratified=True)
+        alpha = self.target[3].reshape(-1)[pixels]
+        colour = self.target[:3].reshape(3, -1)[:, pixels].T
+        target_rgb = colour * alpha[:, None] + self.background * (1 - alpha[:, None])
+        rgb_loss = F.mse_loss(out.rgb, target_rgb)
+        mask_loss = F.mse_loss(out.opacity, alpha)
         loss = losses.rgb * rgb_loss + losses.mask * mask_loss
         metrics = {"ref_rgb": rgb_loss.item(), "ref_mask": mask_loss.item()}
         if self.depth is not None:
             inside = alpha > 0.5
             # Rendered depth grows away from the camera; the estimate is disparity (larger = nearer).
-            depth_loss = 1 - pearson(out.depth.view(size, size)[inside], -self.depth[inside])
+            depth_loss = 1 - pearson(out.depth[inside], -self.depth.reshape(-1)[pixels][inside])
             loss = loss + losses.depth * depth_loss
             metrics["ref_depth"] = depth_loss.item()
         return loss, metrics
+
+    def reference_pixels(self) -> torch.Tensor:
+        """This step's reference pixels (row-major indices): all, or a random subset."""
+        ref = self.config.reference
+        count = ref.size * ref.size
+        if ref.rays is None or ref.rays >= count:
+            return torch.arange(count, device=self.run.device)
+        return torch.randperm(count, generator=self.generator)[:ref.rays].to(self.run.device)
 
     # --- state --------------------------------------------------------------------------------
 

@@ -227,3 +227,43 @@ def test_a_sabotaged_teacher_fails_the_check(sabotage, distilled, teacher, test_
     distil(teacher[0], tmp_path / "bad")
     bad = student_psnr(tmp_path / "bad", teacher[0], test_views[0])
     assert bad < 23 and bad < distilled[2] - 4, (bad, distilled[2])
+
+
+# --- view-teacher: the same teacher behind Zero-1-to-3's interface ---------------------------------
+
+
+def view_teacher_batch(teacher_dir, mirror=False, reference_azimuth=0.0):
+    from gen3d import ReferenceView, ViewAngles, random_views
+    from gen3d_plugins import view_teacher
+
+    config = view_teacher.ViewTeacherConfig(run=teacher_dir, mirror_azimuth=mirror,
+                                            reference=view_teacher.TeacherCamera(0.0, reference_azimuth, 4.0, 40.0))
+    guide = view_teacher.build(config)
+    views = random_views(4, 32, (10, 40), (30, 150), (4.0, 4.0), (40, 40), torch.Generator().manual_seed(2))
+    reference_cam = view_teacher.cameras_from_relative(torch.tensor([[0.0, 0.0, 1.0, 0.0]]),
+                                                       view_teacher.camera_position(0, 0, 4.0), "zero123", 40.0, 32)
+    own = guide.teacher.render_images(views.cameras, [1.0, 1.0, 1.0])
+    reference = ReferenceView(guide.teacher.render_images(reference_cam, [1.0, 1.0, 1.0])[0], reference_cam,
+                              ViewAngles.of(reference_cam))
+    batch = GuidanceInput(own.clone().requires_grad_(True), [""] * 4, views.cameras, ViewAngles.of(views.cameras),
+                          step=500, total_steps=1000, reference=reference, generator=torch.Generator().manual_seed(0))
+    return guide, batch
+
+
+def test_view_teacher_renders_the_view_t_describes(teacher):
+    guide, batch = view_teacher_batch(teacher[0])
+    out = guide(batch)
+    assert out.metrics["teacher_psnr"] > 60  # the target is the teacher at the loop's own cameras
+    assert out.metrics["reference_psnr"] > 60  # and the reference it got is the teacher's own view
+    out.loss.backward()
+    assert batch.images.grad.abs().max() < 1e-4  # renderings equal to the target: (almost) no gradient
+
+
+def test_view_teacher_catches_a_mirrored_azimuth(teacher):
+    guide, batch = view_teacher_batch(teacher[0], mirror=True)
+    assert guide(batch).metrics["teacher_psnr"] < 25  # the toy from the other side: another picture
+
+
+def test_view_teacher_elsewhere_turns_the_target(teacher):
+    guide, batch = view_teacher_batch(teacher[0], reference_azimuth=90.0)
+    assert guide(batch).metrics["teacher_psnr"] < 25  # the teacher's world is turned by 90 degrees
