@@ -17,11 +17,18 @@ with nothing fitted:
 - ``chamfer``: the exported mesh (mesh.glb, turned back to Z up and into the toy's frame)
   against assets/toy/mesh.ply, in units of its bounding radius;
 - ``mask_iou``: the student's opacity at the toy's first 8 held-out cameras (moved into the
-  student's frame) against the ground-truth alpha, mean and min over the views.
+  student's frame) against the ground-truth alpha, mean and min over the views;
+- ``psnr_test``: its colour there against the ground truth, both on white (a mirror that keeps
+  the silhouettes, as a flipped azimuth does for a reference on the toy's axis of symmetry,
+  still shows here).
 
 Targets (issue 20): at most 600 s on a 2-core CPU, chamfer <= 0.03, mean mask IoU >= 0.9, at every
-azimuth; a mirrored T must miss them. The toy is symmetric about its xz plane, so a mirror in
-azimuth shows only for references off that plane (azimuth 90); at 0 and 180 it is invisible.
+azimuth; a mirrored T must miss them; ``targets_met`` also asks psnr_test >= 30 dB. The toy is
+symmetric about its xz plane. A mirror in azimuth about a reference *in* that plane (azimuth 0,
+180) gives the same object: it cannot show. About a reference on the y axis (azimuth 90) it gives
+the toy turned round, whose silhouettes are the true toy's from the opposite side: the same
+outline at the horizon (a silhouette is the mirror image of the opposite view's), close to it
+above; mostly the colours are wrong. At azimuth 45 the mirrored toy is turned by 90 degrees.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -135,7 +141,7 @@ def score(student_dir: Path, camera: dict) -> dict:
     """Chamfer and held-out mask IoU of the student, in the toy's frame (nothing fitted)."""
     import trimesh
 
-    from gen3d import Cameras, chamfer, load_trained_field
+    from gen3d import Cameras, chamfer, load_trained_field, psnr
     from gen3d_plugins.nerf_data import NerfDataConfig, load
 
     scale = STUDENT_DISTANCE / camera["distance"]
@@ -153,15 +159,19 @@ def score(student_dir: Path, camera: dict) -> dict:
     c2w[:, :3, 3] = scale * (cams.c2w[:, :3, 3] - torch.tensor(center, dtype=torch.float32)) @ back.T
     moved = Cameras(c2w, cams.fx, cams.fy, cams.cx, cams.cy, cams.width, cams.height)
     student = load_trained_field(student_dir)
-    ious = []
+    ious, psnrs = [], []
     for i in range(8):
         origins, dirs = moved.to(student.renderer.aabb.device).image_rays(i)
         with torch.no_grad():
-            opacity = student.renderer.render_chunked(student.field, origins, dirs, torch.ones(3)).opacity
-        predicted = opacity.view(moved.height, moved.width).numpy() > 0.5
-        truth = test.images[i][..., 3].numpy() > 0.5
+            out = student.renderer.render_chunked(student.field, origins, dirs, torch.ones(3))
+        predicted = out.opacity.view(moved.height, moved.width).numpy() > 0.5
+        rgba = test.images[i].numpy()
+        truth = rgba[..., 3] > 0.5
         ious.append(float((predicted & truth).sum() / max(1, (predicted | truth).sum())))
-    report.update(mask_iou=round(float(np.mean(ious)), 4), mask_iou_min=round(min(ious), 4))
+        on_white = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        psnrs.append(psnr(out.rgb.view(moved.height, moved.width, 3).clamp(0, 1).numpy(), on_white))
+    report.update(mask_iou=round(float(np.mean(ious)), 4), mask_iou_min=round(min(ious), 4),
+                  psnr_test=round(float(np.mean(psnrs)), 2))
     return report
 
 
@@ -172,8 +182,15 @@ def main() -> None:
     parser.add_argument("--mirror", action="store_true", help="flip T's azimuth sign (the check must then fail)")
     parser.add_argument("--out", type=Path, help="the run folder (default runs/bench-image-to-3d/az{A}[-mirror])")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--rescore", type=Path, help="only score a finished run again, from its report JSON")
     parser.add_argument("overrides", nargs="*", help="more recipe overrides")
     args = parser.parse_args()
+    if args.rescore:
+        report = json.loads(args.rescore.read_text())
+        report.update(score(args.out, report["teacher_camera"]))
+        args.rescore.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return
 
     if not (args.teacher / "checkpoints" / "last.safetensors").is_file():
         print(f"bench_image_to_3d: training the teacher into {args.teacher} (about 3 minutes)", file=sys.stderr)
@@ -193,7 +210,9 @@ def main() -> None:
     result = {"azimuth": args.azimuth, "mirror": args.mirror, "teacher_camera": camera}
     result.update(run_student(overrides, out))
     result.update(score(out, camera))
-    result["targets_met"] = bool(result["seconds"] <= 600 and result["chamfer"] <= 0.03 and result["mask_iou"] >= 0.9)
+    # The issue's targets, plus held-out colour: a mirror that keeps the silhouettes shows only there.
+    result["targets_met"] = bool(result["seconds"] <= 600 and result["chamfer"] <= 0.03 and result["mask_iou"] >= 0.9
+                                 and result["psnr_test"] >= 30)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

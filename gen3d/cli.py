@@ -1,5 +1,5 @@
-"""The ``gen3d`` command: ``run`` a recipe, list ``plugins``, and the commands plugins add
-(``gen3d_commands``: ``preprocess`` a photo comes from one)."""
+"""The ``gen3d`` command: ``run`` a recipe, ``batch`` many runs of one, list ``plugins``, and the
+commands plugins add (``gen3d_commands``: ``preprocess`` a photo comes from one)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import BatchConfig, BatchInterrupted, run_batch
+
+    config = BatchConfig(recipe=Path(args.recipe), out=Path(args.out),
+                         inputs=Path(args.inputs) if args.inputs else None, sweeps=args.sweep or [],
+                         overrides=args.overrides, engine=args.engine, workers=args.workers, threads=args.threads,
+                         ray_address=args.ray_address, memory_gb=args.memory_gb,
+                         retry_failed=args.retry_failed, quiet=args.quiet)
+    try:
+        manifest = run_batch(config)
+    except (BatchInterrupted, KeyboardInterrupt) as exc:
+        print(f"gen3d batch: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    failed = [run for run in manifest["runs"] if run["state"] == "failed"]
+    for run in failed:
+        print(f"gen3d batch: {run['name']} failed: {run['error']}", file=sys.stderr)
+    done = sum(run["state"] == "done" for run in manifest["runs"])
+    print(f"gen3d batch: {done} done, {len(failed)} failed "
+          f"({Path(args.out) / 'batch.json'})", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     registry = get_registry()
     if args.json:
@@ -43,6 +65,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for c in plugin.components:
             print(f"  {c.kind:<15} {c.name:<20} {c.description}")
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def build_parser(registry) -> argparse.ArgumentParser:
@@ -60,6 +88,30 @@ def build_parser(registry) -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     run.set_defaults(takes_overrides=True)
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser("batch", help="many runs of a recipe, each in its own folder",
+                           description="Run a recipe once per input row and/or sweep point, each run in "
+                                       "OUT/<name>, state in OUT/batch.json; the same command again continues.")
+    batch.add_argument("recipe", help="recipe YAML file")
+    batch.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
+    batch.add_argument("--inputs", metavar="FILE",
+                       help="YAML list of runs (mappings of overrides) or CSV (a header of keys)")
+    batch.add_argument("--sweep", action="append", metavar="key=v1,v2,...",
+                       help="a grid axis; several --sweep make a product (and multiply --inputs)")
+    batch.add_argument("--out", required=True, metavar="DIR",
+                       help="batch folder: a run folder per run, batch.json, index.html")
+    batch.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local worker processes (default) or Ray tasks (pip install 'gen3d[ray]')")
+    batch.add_argument("--workers", type=_positive, metavar="N",
+                       help="runs at a time (default: one per GPU, or cores / threads)")
+    batch.add_argument("--threads", type=_positive, metavar="N", help="torch threads per run (default: cores / workers)")
+    batch.add_argument("--ray-address", metavar="ADDR",
+                       help="a Ray cluster's address (default: a local Ray for the batch)")
+    batch.add_argument("--memory-gb", type=float, metavar="GB", default=2.0,
+                       help="memory a run needs: a Ray task declares it; the local pool fits what is free (default 2)")
+    batch.add_argument("--retry-failed", action="store_true", help="run the runs that failed before again")
+    batch.add_argument("--quiet", action="store_true", help="no progress line")
+    batch.set_defaults(takes_overrides=True, func=cmd_batch)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and their components")
     plugins.add_argument("--json", action="store_true")

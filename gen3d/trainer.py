@@ -14,6 +14,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .errors import Gen3DError, TrainingDiverged, call_plugin
 from .io import inside, load_checkpoint, save_checkpoint, write_json, write_text
 from .outputs import finish_stage
 from .recipe import Recipe, Stage
+from .report import write_run_report
 from .run import Run, StageLoop, TrainingLoop, TrainResult
 
 
@@ -40,6 +42,7 @@ def pick_device(name: str) -> torch.device:
 
 
 CHECKPOINT = "checkpoints/last.safetensors"
+CURVE_POINTS = 256  # a stage's curves.json keeps 256 to 511 points, whatever its budget
 FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.gif", "test_views.png", "reference.png",
                "cutout.png")
 
@@ -90,6 +93,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, hooks, resume: bool = False, de
             fields_cache[stage.settings.name] = outputs.field
     final = recipe.stages[-1]
     if not recipe.staged:
+        _report(out_dir)
         return all_metrics.get(final.settings.name, {})
     last = _read_json(stage_dir(recipe, out_dir, final) / "metrics.json")
     for name in FINAL_FILES:  # the last stage's files are the run's
@@ -100,7 +104,17 @@ def run_recipe(recipe: Recipe, out_dir: Path, *, hooks, resume: bool = False, de
     summary = {**last, "stages": {s.settings.name: _read_json(stage_dir(recipe, out_dir, s) / "metrics.json")
                                   for s in recipe.stages}}
     write_json(out_dir / "metrics.json", summary)
+    _report(out_dir)
     return summary
+
+
+def _report(out_dir: Path) -> None:
+    # The page is for looking at the run; the run's files are its result, so a page that cannot
+    # be written costs a warning, never the run.
+    try:
+        write_run_report(out_dir)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"{out_dir / 'report.html'} was not written: {exc}", stacklevel=2)
 
 
 def run_stage(run: Run, stage: Stage, loop: Any, resume: bool) -> tuple[dict[str, Any], Any]:
@@ -134,11 +148,12 @@ def _read_json(path: Path) -> dict:
 def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
     settings = run.stage
     checkpoint = run.path(CHECKPOINT)
-    start, elapsed, timeline = 0, 0.0, []
+    start, elapsed, timeline, curve = 0, 0.0, [], Curve()
     if resume:
         state = load_checkpoint(checkpoint)
         loop.load_state_dict(state["loop"])
         start, elapsed, timeline = state["step"], state["seconds"], state["timeline"]
+        curve = Curve(state.get("curve"))  # checkpoints from before curves were kept have none
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and run.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
@@ -149,7 +164,7 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
         if run.device.type == "cuda":  # stratified sampling draws on the GPU's generator
             rng["cuda_rng"] = torch.cuda.get_rng_state(run.device)
         save_checkpoint(checkpoint, {"loop": loop.state_dict(), "step": step, "seconds": elapsed,
-                                     "timeline": timeline, **rng})
+                                     "timeline": timeline, "curve": curve.state(), **rng})
         run.hooks.gen3d_on_checkpoint(run=run, step=step, path=checkpoint)
 
     marks = [m for m in sorted(settings.eval_at_seconds) if m > elapsed]
@@ -170,6 +185,7 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
                 raise TrainingDiverged(f"the loss became {loss} at step {step}; stopping. {kept} "
                                        f"(try a lower learning rate, then --resume)")
             step += 1
+            curve.add(step, elapsed, metrics)
             run.hooks.gen3d_on_step(run=run, step=step, metrics=metrics)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
@@ -184,8 +200,49 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
         raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}. "
                           f"Continue with the same command and --resume") from None
     bar.close()
+    curve.flush(step, elapsed)
     save(step)
+    write_json(run.path("curves.json"), curve.state())
     return TrainResult(steps=step, seconds=elapsed, timeline=timeline, last_metrics=metrics)
+
+
+class Curve:
+    """The training curves of a stage: the mean of each number a step reports over windows of
+    ``every`` steps. When the points reach twice CURVE_POINTS, neighbours merge and the window
+    doubles, so a long run's curve stays small and every point covers the same number of steps."""
+
+    def __init__(self, state: dict | None = None):
+        self.every = int(state["every"]) if state else 1
+        self.points: list[dict[str, float]] = list(state["points"]) if state else []
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, step: int, seconds: float, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                self.counts[key] = self.counts.get(key, 0) + 1
+        if step % self.every == 0:
+            self.flush(step, seconds)
+
+    def flush(self, step: int, seconds: float) -> None:
+        if not self.counts:
+            return
+        self.points.append({"step": step, "seconds": round(seconds, 3),
+                            **{k: _sig(self.sums[k] / n) for k, n in self.counts.items()}})
+        self.sums, self.counts = {}, {}
+        if len(self.points) >= 2 * CURVE_POINTS:
+            self.points = [{**a, **b, **{k: _sig((a[k] + b[k]) / 2) for k in a.keys() & b.keys()
+                                         if k not in ("step", "seconds")}}
+                           for a, b in zip(self.points[::2], self.points[1::2])]
+            self.every *= 2
+
+    def state(self) -> dict[str, Any]:
+        return {"every": self.every, "points": self.points}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}")  # six significant digits: losses span decades
 
 
 def _fmt(metrics: dict[str, float]) -> str:

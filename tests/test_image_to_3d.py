@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gen3d import ConfigError, DataError, load_recipe, run_recipe
+from gen3d import ConfigError, DataError, load_recipe
 from gen3d.testing import make_tiny_stable_diffusion, make_tiny_zero123
 from gen3d_plugins.image_to_3d import depth_in_cutout, pearson, read_cutout, resize_cutout
 

@@ -29,7 +29,7 @@ def test_recipe_writes_the_same_outputs_as_the_command(tmp_path, capsys):
     assert main(["run", str(RECIPE), "--out", str(run), "--quiet"]) == 0
     assert main(["preprocess", str(EXAMPLE), "--out", str(command)]) == 0
     names = sorted(p.name for p in run.iterdir())
-    assert names == sorted([*OUTPUTS, "metrics.json", "recipe.yaml"])  # a stage that does not train: no checkpoints
+    assert names == sorted([*OUTPUTS, "metrics.json", "recipe.yaml", "report.html"])  # no training: no checkpoints
     for name in ("rgba.png", "mask.png"):
         assert np.array_equal(pixels(run / name), pixels(command / name)), name
     info = json.loads((run / "detections.json").read_text())
