@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from gen3d import (Cameras, Choice, Component, ConfigError, DataError, FieldLoop, FieldTrainer, GuidanceInput, Orbit,
                    ReferenceView, RenderSettings, StageOutputs, ViewAngles, atomic_path, binary_entropy, choice,
                    focal_from_fov, hookimpl, look_at, psnr, random_views, to_uint8)
-from gen3d_plugins.text_to_3d import Shader, Shading, normals
+from gen3d_plugins.text_to_3d import PreviewSettings, Shader, Shading, normals
 
 NEEDS = ("radiance",)
 
@@ -101,12 +101,6 @@ class ImageLosses:
 
 
 @dataclass
-class TurntableSettings:
-    size: int = 128
-    elevation: float = 15.0
-
-
-@dataclass
 class ImageTo3DConfig:
     guidance: Choice = choice("guidance", "zero123")
     representation: Choice = choice("representation", "grid-nerf")
@@ -116,7 +110,7 @@ class ImageTo3DConfig:
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # Zero-1-to-3 draws on white
     box: float = 0.6  # the scene box is [-box, box]^3 (see reference.distance)
     render: RenderSettings = field(default_factory=RenderSettings)
-    turntable: TurntableSettings = field(default_factory=TurntableSettings)
+    turntable: PreviewSettings = field(default_factory=PreviewSettings)
 
     def __post_init__(self) -> None:
         if self.box <= 0:
@@ -343,7 +337,9 @@ class ImageTo3D(FieldLoop):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        predicted, alpha = self.reference_prediction()
+        return self.score_reference(*self.reference_prediction())
+
+    def score_reference(self, predicted: np.ndarray, alpha: np.ndarray) -> dict[str, float]:
         target = self.target_on_background()
         truth = self.target[3].cpu().numpy() > 0.5
         iou = float((truth & (alpha > 0.5)).sum() / max(1, (truth | (alpha > 0.5)).sum()))
@@ -364,17 +360,17 @@ class ImageTo3D(FieldLoop):
 
     def outputs(self, train) -> StageOutputs:
         ref, p = self.config.reference, self.config.turntable
-        metrics = {"reference_image": str(self.cutout_path), **self.evaluate()}
+        predicted, alpha = self.reference_prediction()  # rendered once: scored, and written beside the cut-out
+        metrics = {"reference_image": str(self.cutout_path), **self.score_reference(predicted, alpha)}
         if train is not None:
             metrics["final_loss"] = round(train.last_metrics.get("loss", float("nan")), 5)
-        self.write_reference_sheet()
+        self.write_reference_sheet(predicted)
         return StageOutputs(field=self.field, renderer=self.renderer, render_view=self.render_view,
                             orbit=Orbit(ref.distance, math.radians(ref.fov), p.size, p.elevation), metrics=metrics)
 
-    def write_reference_sheet(self) -> None:
-        """reference.png: the cut-out as given beside the field seen from the reference camera;
-        cutout.png: the cut-out itself."""
-        predicted, _ = self.reference_prediction()
+    def write_reference_sheet(self, predicted: np.ndarray) -> None:
+        """reference.png: the cut-out as given beside the field seen from the reference camera
+        (``predicted``); cutout.png: the cut-out itself."""
         sheet = np.concatenate([self.target_on_background(), predicted], axis=1)
         with atomic_path(self.run.path("reference.png")) as tmp:
             Image.fromarray(to_uint8(sheet)).save(tmp, format="PNG")
