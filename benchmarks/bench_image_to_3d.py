@@ -137,8 +137,24 @@ def run_student(recipe_overrides: list[str], out: Path) -> dict:
             "reference_mask_iou": stage.get("reference_mask_iou"), "command": " ".join(command[1:])}
 
 
-def score(student_dir: Path, camera: dict) -> dict:
-    """Chamfer and held-out mask IoU of the student, in the toy's frame (nothing fitted)."""
+def reexport(student_dir: Path):
+    """The student's mesh made again from its checkpoint by the current export code (Z up, the
+    student's frame), at the level the run chose: to score a change to the export alone."""
+    from dataclasses import replace
+
+    from gen3d import load_recipe, load_trained_field
+    from gen3d.export import extract_mesh
+
+    stage = student_dir / "stages" / "optimise"
+    level = json.loads((stage / "metrics.json").read_text())["export_level"]
+    recipe = load_recipe(student_dir / "recipe.yaml")
+    export = next(s.settings.export for s in recipe.stages if s.settings.name == "optimise")
+    return extract_mesh(load_trained_field(stage).field, replace(export, level=level, colors="vertex"))
+
+
+def score(student_dir: Path, camera: dict, mesh=None) -> dict:
+    """Chamfer and held-out mask IoU of the student, in the toy's frame (nothing fitted). ``mesh``:
+    the student's mesh (Z up, its own frame), instead of its mesh.glb."""
     import trimesh
 
     from gen3d import Cameras, chamfer, load_trained_field, psnr
@@ -146,10 +162,11 @@ def score(student_dir: Path, camera: dict) -> dict:
 
     scale = STUDENT_DISTANCE / camera["distance"]
     turn, center = rotation_z(camera["azimuth"]), np.array(camera["center"])
-    glb = trimesh.load(student_dir / "mesh.glb", force="mesh", process=False)
-    z_up = glb.vertices @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # Y up -> Z up
-    glb.vertices = (z_up / scale) @ turn.T + center  # student -> toy frame
-    report = {"chamfer": round(chamfer(glb, TOY / "mesh.ply"), 5)}
+    if mesh is None:
+        mesh = trimesh.load(student_dir / "mesh.glb", force="mesh", process=False)
+        mesh.vertices = mesh.vertices @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # Y up -> Z up
+    mesh.vertices = (mesh.vertices / scale) @ turn.T + center  # student -> toy frame
+    report = {"chamfer": round(chamfer(mesh, TOY / "mesh.ply"), 5)}
 
     test = load(NerfDataConfig(path=TOY)).test
     cams = test.cameras[torch.arange(8)]
@@ -183,11 +200,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="the run folder (default runs/bench-image-to-3d/az{A}[-mirror])")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--rescore", type=Path, help="only score a finished run again, from its report JSON")
+    parser.add_argument("--reexport", action="store_true",
+                        help="with --rescore: make the mesh again from the checkpoint with the current export code")
     parser.add_argument("overrides", nargs="*", help="more recipe overrides")
     args = parser.parse_args()
     if args.rescore:
         report = json.loads(args.rescore.read_text())
-        report.update(score(args.out, report["teacher_camera"]))
+        mesh = reexport(args.out) if args.reexport else None
+        report.update(score(args.out, report["teacher_camera"], mesh), reexported=args.reexport)
         args.rescore.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         return

@@ -184,8 +184,25 @@ def load_recipe(path: Path, overrides: list[str] = (), *, registry) -> Recipe:
         key, value = parse_override(text)
         apply_override(data, key, value)
         cli_keys.add(key)
+    rename_old_keys(data)
     return recipe_from_dict(data, Context(source=str(path), base_dir=path.parent.resolve(),
                                           cli_keys=frozenset(cli_keys), registry=registry))
+
+
+# Keys renamed since gen3d first wrote them: (section, old, new). Run folders keep the recipe
+# they ran with, so a teacher or a resumed run written before a rename must still load.
+RENAMED_KEYS = [("export", "decimate", "target_faces")]
+
+
+def rename_old_keys(data: dict[str, Any]) -> None:
+    """Move renamed keys to their new names, at the top and in every stage (in place)."""
+    sections = [data, *[s for s in data.get("stages") or [] if isinstance(s, dict)]]
+    for holder in sections:
+        for section, old, new in RENAMED_KEYS:
+            part = holder.get(section)
+            if isinstance(part, dict) and old in part:
+                value = part.pop(old)
+                part.setdefault(new, value)
 
 
 def recipe_from_dict(data: dict[str, Any], ctx: Context) -> Recipe:

@@ -36,3 +36,13 @@ def test_recipe_validates(name):
 def test_a_misspelt_key_in_a_text_recipe_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"guidance\.guidance_scal.*Did you mean 'guidance_scale'"):
         load_recipe(ROOT / "recipes" / "dreamfusion.yaml", ["guidance.guidance_scal=7.5"])
+
+
+def test_a_renamed_key_from_an_older_run_folder_still_loads(tmp_path):
+    """Run folders keep the recipe they ran with: export.decimate became export.target_faces."""
+    text = (ROOT / "recipes" / "nerf-reconstruct.yaml").read_text()
+    old = tmp_path / "recipe.yaml"
+    old.write_text(text.replace("export:\n", "export:\n  decimate: null\n", 1)
+                   .replace("../assets/toy", str(ROOT / "assets" / "toy")))
+    assert load_recipe(old).first.export.target_faces is None
+    assert load_recipe(old, ["export.decimate=1234"]).first.export.target_faces == 1234
