@@ -9,10 +9,13 @@ stage's exports and previews to the top. ``--resume`` skips finished stages (tho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -172,28 +175,31 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
                mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
     step, metrics = start, {}
     try:
-        while step < settings.steps:
-            if settings.max_seconds is not None and elapsed >= settings.max_seconds:
-                run.log(f"stopping at step {step}: max_seconds={settings.max_seconds} reached")
-                break
-            began = time.perf_counter()
-            metrics = loop.step(step)
-            loss = float(metrics["loss"])
-            elapsed += time.perf_counter() - began
-            if not math.isfinite(loss):
-                kept = f"the last good checkpoint is {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"
-                raise TrainingDiverged(f"the loss became {loss} at step {step}; stopping. {kept} "
-                                       f"(try a lower learning rate, then --resume)")
-            step += 1
-            curve.add(step, elapsed, metrics)
-            run.hooks.gen3d_on_step(run=run, step=step, metrics=metrics)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-            while marks and elapsed >= marks[0]:
-                timeline.append({"seconds": marks.pop(0), "step": step, **loop.evaluate()})
-                run.log(f"t={timeline[-1]['seconds']:g}s step {step}: {_fmt(timeline[-1])}")
-            if step % settings.checkpoint_every == 0:
-                save(step)
+        with step_boundary_interrupts(run) as stop_requested:
+            while step < settings.steps:
+                if stop_requested():
+                    raise KeyboardInterrupt
+                if settings.max_seconds is not None and elapsed >= settings.max_seconds:
+                    run.log(f"stopping at step {step}: max_seconds={settings.max_seconds} reached")
+                    break
+                began = time.perf_counter()
+                metrics = loop.step(step)
+                loss = float(metrics["loss"])
+                elapsed += time.perf_counter() - began
+                if not math.isfinite(loss):
+                    kept = f"the last good checkpoint is {checkpoint}" if checkpoint.is_file() else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"the loss became {loss} at step {step}; stopping. {kept} "
+                                           f"(try a lower learning rate, then --resume)")
+                step += 1
+                curve.add(step, elapsed, metrics)
+                run.hooks.gen3d_on_step(run=run, step=step, metrics=metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                while marks and elapsed >= marks[0]:
+                    timeline.append({"seconds": marks.pop(0), "step": step, **loop.evaluate()})
+                    run.log(f"t={timeline[-1]['seconds']:g}s step {step}: {_fmt(timeline[-1])}")
+                if step % settings.checkpoint_every == 0:
+                    save(step)
     except KeyboardInterrupt:
         save(step)
         bar.close()
@@ -204,6 +210,31 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
     save(step)
     write_json(run.path("curves.json"), curve.state())
     return TrainResult(steps=step, seconds=elapsed, timeline=timeline, last_metrics=metrics)
+
+
+@contextlib.contextmanager
+def step_boundary_interrupts(run: Run):
+    """Ctrl-C during training stops at the end of the current step, so the checkpoint then saved
+    holds whole steps and ``--resume`` continues exactly as if never stopped. A second Ctrl-C
+    stops at once (the checkpoint then holds a partly done step: close to, not equal to, an
+    uninterrupted run). Yields a function telling whether a stop was asked for. Signals reach
+    only the main thread, so elsewhere (a Ray worker's thread) Ctrl-C is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked = threading.Event()
+
+    def on_sigint(signum, frame):
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+        run.log("Ctrl-C: stopping after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Curve:

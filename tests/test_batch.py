@@ -232,7 +232,7 @@ def test_ray_batch_gives_the_local_results_and_layout(tmp_path, batch_inputs, lo
     assert [runs[n]["state"] for n in runs] == [local[n]["state"] for n in local] == ["done", "done", "failed", "failed"]
     for name in runs:  # the same runs, errors and files
         assert runs[name]["overrides"] == local[name]["overrides"] and runs[name]["error"] == local[name]["error"]
-    for name in GOOD:  # the same results: the local runs were cut by Ctrl-C mid-step and resumed, hence approx
+    for name in GOOD:  # the same results (the local runs were cut by Ctrl-C and resumed at a step boundary)
         assert runs[name]["metrics"]["steps"] == local[name]["metrics"]["steps"] == STEPS
         assert runs[name]["metrics"]["psnr_test"] == pytest.approx(local[name]["metrics"]["psnr_test"], abs=0.5)
     assert layout(config.out) == layout(local_batch["out"])

@@ -77,6 +77,46 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["steps"] == 40
 
 
+def test_a_real_ctrl_c_mid_step_stops_after_that_step_and_resume_is_exact(tmp_path, monkeypatch):
+    """SIGINT lands in the middle of step 13 (before its update): the step still finishes, the
+    checkpoint holds 14 whole steps, and the resumed run ends exactly where a straight one does."""
+    import os
+    import signal
+
+    straight = run_recipe(recipe(tmp_path), tmp_path / "straight", quiet=True)
+    original = example.FitSphere.step
+
+    def sigint_inside_step_13(self, step):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(example.FitSphere, "step", sigint_inside_step_13)
+    with pytest.raises(Interrupted, match="interrupted at step 14; checkpoint saved"):
+        run_recipe(recipe(tmp_path), tmp_path / "a", quiet=True)
+    monkeypatch.setattr(example.FitSphere, "step", original)
+    resumed = run_recipe(recipe(tmp_path), tmp_path / "a", resume=True, quiet=True)
+    assert resumed["radius"] == straight["radius"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    original = example.FitSphere.step
+
+    def two_sigints_inside_step_13(self, step):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(example.FitSphere, "step", two_sigints_inside_step_13)
+    with pytest.raises(Interrupted, match="interrupted at step 13; checkpoint saved"):
+        run_recipe(recipe(tmp_path), tmp_path / "a", quiet=True)
+
+
 def test_max_seconds_and_timed_evaluations(tmp_path):
     metrics = run_recipe(recipe(tmp_path, "steps=100000", "max_seconds=0.5", "eval_at_seconds=[0.1, 0.2]"),
                          tmp_path / "a", quiet=True)
