@@ -9,7 +9,6 @@ stage's exports and previews to the top. ``--resume`` skips finished stages (tho
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -174,10 +173,10 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
     bar = tqdm(total=settings.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.quiet,
                mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
     step, metrics = start, {}
-    try:
-        with step_boundary_interrupts(run) as stop_requested:
+    with StepBoundaryInterrupts(run) as interrupts:
+        try:
             while step < settings.steps:
-                if stop_requested():
+                if interrupts.requested():
                     raise KeyboardInterrupt
                 if settings.max_seconds is not None and elapsed >= settings.max_seconds:
                     run.log(f"stopping at step {step}: max_seconds={settings.max_seconds} reached")
@@ -200,11 +199,12 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
                     run.log(f"t={timeline[-1]['seconds']:g}s step {step}: {_fmt(timeline[-1])}")
                 if step % settings.checkpoint_every == 0:
                     save(step)
-    except KeyboardInterrupt:
-        save(step)
-        bar.close()
-        raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}. "
-                          f"Continue with the same command and --resume") from None
+        except KeyboardInterrupt:
+            interrupts.hold()  # no further Ctrl-C while the checkpoint is written
+            save(step)
+            bar.close()
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}. "
+                              f"Continue with the same command and --resume") from None
     bar.close()
     curve.flush(step, elapsed)
     save(step)
@@ -212,29 +212,41 @@ def train(run: Run, loop: TrainingLoop, resume: bool = False) -> TrainResult:
     return TrainResult(steps=step, seconds=elapsed, timeline=timeline, last_metrics=metrics)
 
 
-@contextlib.contextmanager
-def step_boundary_interrupts(run: Run):
+class StepBoundaryInterrupts:
     """Ctrl-C during training stops at the end of the current step, so the checkpoint then saved
     holds whole steps and ``--resume`` continues exactly as if never stopped. A second Ctrl-C
     stops at once (the checkpoint then holds a partly done step: close to, not equal to, an
-    uninterrupted run). Yields a function telling whether a stop was asked for. Signals reach
-    only the main thread, so elsewhere (a Ray worker's thread) Ctrl-C is left as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    asked = threading.Event()
+    uninterrupted run). Signals reach only the main thread, so elsewhere (a Ray worker's thread)
+    Ctrl-C is left as it is."""
 
-    def on_sigint(signum, frame):
-        if asked.is_set():
+    def __init__(self, run: Run):
+        self.run, self.asked, self.previous = run, False, None
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def requested(self) -> bool:
+        return self.asked
+
+    def hold(self) -> None:
+        """Ignore Ctrl-C from now on (while the last checkpoint is written; gen3d batch sends its
+        SIGINT again after a few seconds to runs that have not stopped yet)."""
+        if self.active:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.asked:
             raise KeyboardInterrupt
-        asked.set()
-        run.log("Ctrl-C: stopping after this step (Ctrl-C again to stop at once)")
+        self.asked = True
+        self.run.log("Ctrl-C: stopping after this step (Ctrl-C again to stop at once)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield asked.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def __enter__(self) -> "StepBoundaryInterrupts":
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
 
 
 class Curve:
