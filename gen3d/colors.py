@@ -1,7 +1,7 @@
 """Colour spaces: the sRGB transfer function both ways, and the space each export format stores.
 
 Images (data sets, previews, renders) are sRGB-encoded, and so are the colours a field learns
-from them and the vertex colours :func:`gen3d.export.vertex_colors` bakes. A format that defines
+from them and the vertex colours :func:`gen3d.export.finish_mesh` bakes. A format that defines
 its colours as linear gets them converted on the way out; :func:`color_space` is the one place
 that says which format stores what, and every exporter asks it through :func:`encode_colors`.
 """

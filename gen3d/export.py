@@ -1,9 +1,12 @@
-"""From a field to files: marching cubes of its signed surface, vertex colours, clean-up, atomic writes.
+"""From a field to files: marching cubes of its signed surface, clean-up, decimation, colours
+(vertex colours and a baked texture), atomic writes.
 
 Every field is exported through its signed surface function (gen3d.fields: negative inside, the
-surface at 0; a density field's is ``level - density``). The exporters themselves are plugins
-(kind ``exporter``); this module prepares the mesh and moves whatever an exporter wrote into
-the run folder only once it is complete.
+surface at 0; a density field's is ``level - density``). :func:`finish_mesh` turns any surface
+mesh (marching cubes' here, a refined mesh elsewhere) into an exportable one from a colour
+function; the texture baking itself is gen3d.texture. The exporters are plugins (kind
+``exporter``); this module prepares the mesh and moves whatever an exporter wrote into the run
+folder only once it is complete.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from skimage import measure
 from .errors import ConfigError, Gen3DError, call_plugin
 from .fields import surface_of
 from .render import packed_steps
+from .texture import TEXTURE_KEY, MeshTexture, bake, colors_at, unwrap
 
 # Our world is Z up; writers whose format is Y up (glTF by its specification, OBJ as Blender
 # imports it by default) get the mesh turned by this.
 Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+COLOR_MODES = ("texture", "vertex")  # export.colors: a baked texture (and vertex colours), or vertex colours only
+# xatlas' time grows much faster than the face count (docs/benchmarks.md, textured exports),
+# so a textured export of more faces stops with an error rather than seem to hang.
+MAX_TEXTURED_FACES = 200_000
 
 
 @dataclass
@@ -41,7 +49,14 @@ class MeshSettings:
     # no inner shells, no holes where a thin shell's density stays under the level (0 disables).
     fill_fraction: float = 0.25
     fill_band: int = 4  # voxels next to the outside keep their density, so the surface stays at the level
-    decimate: int | None = None  # target face count (needs the fast-simplification package)
+    # Quadric decimation to this many faces before colouring (None: keep marching cubes' count).
+    # The default keeps a textured GLB small enough for a web page or a game engine and the atlas
+    # quick on a CPU; the texture keeps the colour detail the dropped faces held.
+    target_faces: int | None = 20_000
+    # "texture": a UV atlas with the colours baked into a texture_size square image (vertex
+    # colours are kept too, for formats without textures); "vertex": vertex colours only.
+    colors: str = "texture"
+    texture_size: int = 1024  # a power of two, so every mipmap level halves evenly
     formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
     # Settings of each format's exporter plugin, by format: {obj: {...}, xyz: {precision: 3}}.
     options: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +68,18 @@ class MeshSettings:
             raise ValueError(f"resolution must be between 16 and 1024, got {self.resolution}")
         if self.level is not None and not self.level > 0:
             raise ValueError(f"level must be positive, got {self.level}")
+        if self.target_faces is not None and self.target_faces < 16:
+            raise ValueError(f"target_faces must be at least 16 (or null: no decimation), got {self.target_faces}")
+        if self.colors not in COLOR_MODES:
+            raise ValueError(f"colors must be one of {', '.join(COLOR_MODES)}, got {self.colors!r}")
+        if self.colors == "texture" and self.target_faces is None:  # refused now, not after the training
+            raise ValueError("target_faces: null keeps every face of marching cubes (hundreds of thousands), too "
+                             "many for a UV atlas; give a face count (e.g. 20000) or set colors: vertex")
+        if self.colors == "texture" and self.target_faces is not None and self.target_faces > MAX_TEXTURED_FACES:
+            raise ValueError(f"target_faces must be at most {MAX_TEXTURED_FACES} with colors: texture (the atlas "
+                             f"would take too long), got {self.target_faces}; or set colors: vertex")
+        if not (64 <= self.texture_size <= 8192 and self.texture_size & (self.texture_size - 1) == 0):
+            raise ValueError(f"texture_size must be a power of two from 64 to 8192, got {self.texture_size}")
 
 
 @torch.no_grad()
@@ -108,7 +135,9 @@ def surface_volume(surface, resolution: int, chunk: int = 1 << 18) -> np.ndarray
 
 def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     """The field's surface (where its signed surface function crosses 0), in world coordinates
-    (Z up), coloured."""
+    (Z up), cleaned up and finished by :func:`finish_mesh` with the field's colours.
+    ``mesh.metadata["export_seconds"]`` holds the seconds of each phase."""
+    began = time.perf_counter()
     surface = surface_of(field, settings.level, settings.fill_fraction)
     volume = surface_volume(surface, settings.resolution)
     if not (volume.min() < 0 < volume.max()):
@@ -126,10 +155,66 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     verts = verts + aabb[:3]
     mesh = trimesh.Trimesh(verts, faces, process=False)
     mesh = keep_large_components(mesh, settings.min_component)
-    if settings.decimate and len(mesh.faces) > settings.decimate:
-        mesh = decimate(mesh, settings.decimate)
-    mesh.visual.vertex_colors = vertex_colors(field, mesh)
+    surfaced = time.perf_counter() - began
+    mesh = finish_mesh(mesh, field_colors(field), settings)
+    mesh.metadata["export_seconds"] = {"marching_cubes": round(surfaced, 3), **mesh.metadata.get("export_seconds", {})}
     return mesh
+
+
+def finish_mesh(mesh: trimesh.Trimesh, color_fn, settings: MeshSettings) -> trimesh.Trimesh:
+    """A surface mesh made ready to export: decimated to ``settings.target_faces``, then coloured
+    by ``color_fn(points [N, 3], normals [N, 3]) -> [N, 3]`` (float tensors on the CPU: points on
+    the surface and its outward unit normals there; colours in 0..1, the images' sRGB values,
+    like ``field.albedo``). Always vertex colours (uint8 sRGB, ``mesh.visual.vertex_colors``);
+    with ``settings.colors == "texture"`` also a baked texture, ``mesh.metadata[TEXTURE_KEY]``
+    (a :class:`gen3d.texture.MeshTexture`; the mesh's vertices are then split along the atlas'
+    seams, their normals kept from the unsplit mesh). ``mesh.metadata["export_seconds"]`` gets
+    the seconds of each phase. Returns a new mesh; ``mesh`` is left as it was."""
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
+    if settings.target_faces and len(mesh.faces) > settings.target_faces:
+        mesh = decimate(mesh, settings.target_faces)
+        seconds["decimate"] = round(time.perf_counter() - began, 3)
+    # Normals of the whole surface, before seams split it: a split vertex keeps its neighbours'
+    # average on both sides, so lit views show no seams.
+    vertices, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
+    normals = np.array(mesh.vertex_normals, dtype=np.float64)
+    began = time.perf_counter()
+    colors = colors_at(color_fn, vertices, normals)
+    seconds["vertex_colors"] = round(time.perf_counter() - began, 3)
+    texture = None
+    if settings.colors == "texture":
+        if len(faces) > MAX_TEXTURED_FACES:
+            raise Gen3DError(f"a textured export of {len(faces)} faces: the UV atlas would take too long above "
+                             f"{MAX_TEXTURED_FACES}; set export.target_faces (e.g. 20000) or export.colors: vertex")
+        began = time.perf_counter()
+        vmapping, faces, uv = unwrap(vertices, faces, settings.texture_size)
+        vertices, normals, colors = vertices[vmapping], normals[vmapping], colors[vmapping]
+        seconds["unwrap"] = round(time.perf_counter() - began, 3)
+        began = time.perf_counter()
+        texture = MeshTexture(uv=uv, image=bake(vertices, normals, faces, uv, settings.texture_size, color_fn))
+        seconds["bake"] = round(time.perf_counter() - began, 3)
+    finished = trimesh.Trimesh(vertices, faces, vertex_normals=normals, process=False)
+    finished.visual.vertex_colors = np.concatenate([(colors * 255 + 0.5).astype(np.uint8),
+                                                    np.full((len(colors), 1), 255, dtype=np.uint8)], axis=1)
+    if texture is not None:
+        finished.metadata[TEXTURE_KEY] = texture
+    finished.metadata["export_seconds"] = seconds
+    return finished
+
+
+def field_colors(field):
+    """The colour function of a field for :func:`finish_mesh`: its albedo where it has one, else
+    its colour seen from outside along the normal."""
+    device = field.aabb.device
+
+    def color(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        points = points.to(device)
+        if hasattr(field, "albedo"):
+            return field.albedo(points)
+        return field(points, -normals.to(device))[1]
+
+    return color
 
 
 def fill_interior(volume: np.ndarray, empty_above: float, inside_value: float | None, band: int) -> np.ndarray:
@@ -144,15 +229,50 @@ def fill_interior(volume: np.ndarray, empty_above: float, inside_value: float | 
     is cut, and the surface moves out to the band's edge (learnt ramps are a few voxels wide;
     tests/test_export.py shows the effect on a wide analytic ramp). Deep voxels get
     ``inside_value`` (default: the volume's most inside value).
+
+    Outside must also be in sight of the outside (:func:`in_line_of_sight`): a pocket that empty
+    space reaches only round a corner, such as a hollow the views never looked into opening
+    through an underside no view saw, is no surface anyone saw, so it is filled too.
     """
     empty = volume > empty_above
     labels, _ = ndimage.label(empty)
     border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(),
                                        labels[:, :, [0, -1]].ravel()]))
-    outside = np.isin(labels, border[border > 0])
+    outside = np.isin(labels, border[border > 0]) & in_line_of_sight(empty)
     deep = ~ndimage.binary_dilation(outside, iterations=band)
     fill = float(volume.min()) if inside_value is None else inside_value
     return np.where(deep, np.minimum(volume, fill), volume)
+
+
+# The 26 directions to a voxel's neighbours: the straight lines in_line_of_sight looks along.
+GRID_DIRECTIONS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+
+
+def in_line_of_sight(empty: np.ndarray) -> np.ndarray:
+    """Voxels from which a straight line along one of the 26 grid directions leaves the volume
+    through ``empty`` voxels only (the voxel itself included).
+
+    A coarse stand-in for "some camera outside sees this point", with no cameras needed: ray
+    stabbing as in Nooruddin and Turk's volumetric model repair (2003). Each direction takes
+    log2(size) shifted ANDs: after k rounds a voxel holds whether the next 2^k voxels along the
+    line are all empty."""
+    seen = np.zeros_like(empty)
+    for direction in GRID_DIRECTIONS:
+        clear, step = empty.copy(), 1
+        while step < max(empty.shape):
+            clear &= _shifted(clear, direction, step)
+            step *= 2
+        seen |= clear
+    return seen
+
+
+def _shifted(a: np.ndarray, direction: tuple[int, int, int], k: int) -> np.ndarray:
+    """``a`` at x + k * direction for every voxel x; True beyond the volume's edge (open space)."""
+    out = np.ones_like(a)
+    source = tuple(slice(k, None) if d > 0 else slice(None, -k) if d < 0 else slice(None) for d in direction)
+    target = tuple(slice(None, -k) if d > 0 else slice(k, None) if d < 0 else slice(None) for d in direction)
+    out[target] = a[source]
+    return out
 
 
 def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
@@ -165,24 +285,18 @@ def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh
 
 
 def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    """Quadric decimation to about ``faces`` faces (fast-simplification), degenerate faces dropped."""
     try:
-        return mesh.simplify_quadric_decimation(face_count=faces)
+        from fast_simplification import simplify
     except ImportError as exc:
-        raise ConfigError("export.decimate needs the fast-simplification package: "
+        raise ConfigError("export.target_faces needs the fast-simplification package: "
                           "pip install fast-simplification") from exc
-
-
-def vertex_colors(field, mesh: trimesh.Trimesh) -> np.ndarray:
-    device = field.aabb.device
-    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        if hasattr(field, "albedo"):
-            rgb = torch.cat([field.albedo(p) for p in points.split(1 << 18)])
-        else:  # look at each vertex from outside, along its normal
-            normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)  # trimesh caches read-only
-            rgb = torch.cat([field(p, -n)[1] for p, n in zip(points.split(1 << 18), normals.split(1 << 18))])
-    rgba = np.concatenate([rgb.clamp(0, 1).cpu().numpy(), np.ones((len(points), 1))], axis=1)
-    return (rgba * 255 + 0.5).astype(np.uint8)
+    vertices, triangles = simplify(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces),
+                                   target_count=faces)
+    simple = trimesh.Trimesh(vertices, triangles, process=False)
+    simple.update_faces(simple.nondegenerate_faces())
+    simple.remove_unreferenced_vertices()
+    return simple
 
 
 def up_axis(axis: str):
@@ -211,7 +325,9 @@ def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, exporters: list, stem: str
         up = getattr(write, "up_axis", "Z")
         if up not in ("Y", "Z"):
             raise Gen3DError(f"exporter {fmt!r}: up_axis must be 'Y' or 'Z', got {up!r}")
-        oriented = mesh.copy()  # a copy either way: a writer cannot change the caller's mesh
+        # A copy either way: a writer cannot change the caller's mesh. The cache goes with it: it
+        # holds the vertex normals finish_mesh set, which apply_transform turns with the mesh.
+        oriented = mesh.copy(include_cache=True)
         if up == "Y":
             oriented.apply_transform(Z_UP_TO_Y_UP)
         # Each exporter writes into a scratch folder; files move into place only when all are done.

@@ -86,7 +86,14 @@ def gen3d_exporters() -> Iterable[Component]:
         where the format defines another space), Z up as gen3d's world unless the writer is
         marked ``@gen3d.up_axis("Y")``; ``path`` is the file to write (inside a scratch folder;
         files beside it, such as a material, are moved with it). Settings come from the
-        recipe's ``export.options.<format>``.
+        recipe's ``export.options.<format>``. With ``export.colors: texture`` (the default) the
+        mesh also carries a baked texture: ``gen3d.texture_of(mesh)`` returns a
+        ``gen3d.MeshTexture`` (None without one, kept in ``mesh.metadata["gen3d_texture"]``)
+        with ``uv`` [N, 2] float32, one per vertex, in 0..1, origin at the image's top-left
+        corner and v down (glTF's convention; OBJ's v points up: write 1 - v), and ``image``
+        [H, W, 3] uint8 sRGB, row 0 at the top. Its vertices are then split along the atlas'
+        seams (exact copies of a position, with the same colour and normal); the vertex
+        colours stay, for formats without textures.
     """
 
 

@@ -15,6 +15,7 @@ from gen3d.colors import srgb_to_linear
 from gen3d.config import Choice, Context
 from gen3d.errors import ConfigError, Gen3DError
 from gen3d.export import MeshSettings, export_mesh, extract_mesh, level_from_silhouettes
+from gen3d.texture import texture_of
 from gen3d.plugins import get_registry
 from gen3d.recipe import resolve_exporters
 from gen3d.render import RenderSettings, VolumeRenderer
@@ -60,14 +61,14 @@ def test_export_level_reproduces_the_silhouettes():
     dirs = torch.tensor([[1.0, 0.0, 0.0]]).expand(len(offsets), 3)
     level = level_from_silhouettes(renderer, RampBall(), origins, dirs, covered=offsets < 0.5)
     assert level == pytest.approx(50.0, rel=0.03)
-    exact = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_fraction=0))
+    exact = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_fraction=0, colors="vertex"))
     assert np.linalg.norm(exact.vertices, axis=1).mean() == pytest.approx(0.5, abs=0.005)
     # Filling the inside keeps only fill_band voxels of the outer ramp, 3.6 voxels wide here from
     # the outside level (12.5) to the level: a band of 6 keeps it (and the voxel past the level
     # that marching cubes interpolates to); the default 4 cuts it, the surface moves out.
-    kept = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_band=6))
+    kept = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, fill_band=6, colors="vertex"))
     assert np.linalg.norm(kept.vertices, axis=1).mean() == pytest.approx(0.5, abs=0.005)
-    cut = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level))
+    cut = extract_mesh(RampBall(), MeshSettings(resolution=96, level=level, colors="vertex"))
     assert 0.505 < np.linalg.norm(cut.vertices, axis=1).mean() < 0.5 + 2 / 96
     # An outline at 0.45 asks for a higher level; no covered ray at all: no level.
     assert level_from_silhouettes(renderer, RampBall(), origins, dirs, offsets < 0.45) == pytest.approx(75, rel=0.03)
@@ -81,12 +82,22 @@ def exporters(*formats: str) -> list:
     return settings.exporters
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    mesh = extract_mesh(Ellipsoid(), MeshSettings(resolution=64, level=50.0))
+def export_ellipsoid(out, colors: str):
+    mesh = extract_mesh(Ellipsoid(), MeshSettings(resolution=64, level=50.0, colors=colors, texture_size=256))
     files = export_mesh(mesh, out, exporters("glb", "obj", "ply"))
     return mesh, out, files
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The ellipsoid exported with vertex colours only."""
+    return export_ellipsoid(tmp_path_factory.mktemp("export"), "vertex")
+
+
+@pytest.fixture(scope="module")
+def exported_textured(tmp_path_factory):
+    """The ellipsoid exported with a baked texture (export.colors' default)."""
+    return export_ellipsoid(tmp_path_factory.mktemp("textured"), "texture")
 
 
 def test_extracted_mesh_matches_the_field(exported):
@@ -100,9 +111,11 @@ def test_extracted_mesh_matches_the_field(exported):
     assert colors[top, 2].mean() > 180 and colors[bottom, 0].mean() > 180
 
 
-def test_files_written_each_in_its_formats_orientation(exported):
-    mesh, out, files = exported
-    assert sorted(p.name for p in files) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.ply"]
+@pytest.mark.parametrize("which", ["exported", "exported_textured"])
+def test_files_written_each_in_its_formats_orientation(which, request):
+    mesh, out, files = request.getfixturevalue(which)
+    texture = ["mesh.png"] if which == "exported_textured" else []
+    assert sorted(p.name for p in files) == sorted(["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.ply", *texture])
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
     # The ellipsoid is tall along world Z: glTF and OBJ are written Y up, PLY Z up as it is.
     tall_axis = {}
@@ -113,7 +126,8 @@ def test_files_written_each_in_its_formats_orientation(exported):
         tall_axis[name] = "XYZ"[int(np.argmax(extent))]
     assert tall_axis == {"mesh.glb": "Y", "mesh.obj": "Y", "mesh.ply": "Z"}
     obj_text = (out / "mesh.obj").read_text()
-    assert "mtllib mesh.mtl" in obj_text and "usemtl gen3d_vertex_colors" in obj_text
+    material = "gen3d_texture" if texture else "gen3d_vertex_colors"
+    assert "mtllib mesh.mtl" in obj_text and f"usemtl {material}" in obj_text
 
 
 def read_glb_accessor(path, attribute: str) -> tuple[np.ndarray, dict]:
@@ -148,22 +162,45 @@ def test_colours_in_each_formats_colour_space(exported):
     assert np.abs(obj_rgb - srgb).max() < 1e-4
 
 
-def test_glb_passes_the_khronos_validator_without_a_remark(exported, gltf_validator):
-    _, out, _ = exported
+def test_textured_files_hold_the_baked_texture_as_srgb(exported_textured):
+    from PIL import Image
+
+    mesh, out, _ = exported_textured
+    image = texture_of(mesh).image
+    # baseColorTexture and map_Kd are sRGB: the PNG holds the baked values as they are, in both files.
+    assert np.array_equal(np.asarray(Image.open(out / "mesh.png")), image)
+    loaded = trimesh.load(out / "mesh.glb", force="mesh", process=False)
+    assert np.array_equal(np.asarray(loaded.visual.material.baseColorTexture.convert("RGB")), image)
+    # The texture looked up at the vertices is the field's colour there (red bottom, blue top).
+    colors = loaded.visual.to_color().vertex_colors[:, :3].astype(float)
+    top, bottom = loaded.vertices[:, 1] > 0.6, loaded.vertices[:, 1] < -0.6  # Y up
+    assert colors[top, 2].mean() > 180 and colors[bottom, 0].mean() > 180
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_textured"])
+def test_glb_passes_the_khronos_validator_without_a_remark(which, request, gltf_validator):
+    _, out, _ = request.getfixturevalue(which)
     (report,) = validate_gltf([out / "mesh.glb"])
-    # Infos and hints too: bufferView.target (ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER) set on every view.
+    # Infos and hints too: bufferView.target (ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER) set on every
+    # vertex view (and on none of the image's), the texture a power of two.
     assert (report["errors"], report["warnings"], report["infos"], report["hints"]) == (0, 0, 0, 0), report
 
 
 @pytest.mark.blender
-def test_blender_imports_every_format_upright_with_colours(exported, blender):
-    mesh, out, _ = exported
-    for report in blender_import(blender, [out / "mesh.glb", out / "mesh.obj", out / "mesh.ply"]):
-        size = np.array(report["max"]) - np.array(report["min"])
-        # Blender is Z up like our world: the tall axis must come back as Z, the sizes unchanged.
-        assert size == pytest.approx(mesh.bounds[1] - mesh.bounds[0], abs=0.02), report
-        assert report["vertices"] >= len(mesh.vertices) * 0.9
-        assert report["colors"] > 0 and report["color_std"] > 0.1, report
+def test_blender_imports_every_format_upright_with_colours(exported, exported_textured, blender):
+    for mesh, out, _ in (exported, exported_textured):
+        for report in blender_import(blender, [out / "mesh.glb", out / "mesh.obj", out / "mesh.ply"]):
+            size = np.array(report["max"]) - np.array(report["min"])
+            # Blender is Z up like our world: the tall axis must come back as Z, the sizes unchanged.
+            assert size == pytest.approx(mesh.bounds[1] - mesh.bounds[0], abs=0.02), report
+            assert report["vertices"] >= len(np.unique(mesh.vertices, axis=0)) * 0.9
+            if texture_of(mesh) is not None and not report["file"].endswith(".ply"):
+                # The texture arrives as an sRGB image with its pixels, on a mesh with UVs.
+                (image,) = report["images"]
+                assert image["size"] == [256, 256] and image["colorspace"] == "sRGB" and image["std"] > 0.1, report
+                assert report["uv_layers"] >= 1, report
+            else:
+                assert report["colors"] > 0 and report["color_std"] > 0.1, report
 
 
 def test_each_writer_gets_the_mesh_in_the_up_axis_it_names(tmp_path, exported):
@@ -207,11 +244,11 @@ def test_hollow_shell_gives_one_outer_surface():
             r = x.norm(dim=-1)
             return 60 * torch.exp(-((r - 0.6) / 0.04) ** 2) * (1 - 0.6 * (x[:, 2] > 0.5).float())  # weak cap
 
-    mesh = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0))
+    mesh = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0, colors="vertex"))
     radii = np.linalg.norm(mesh.vertices, axis=1)
     assert radii.min() > 0.55  # no inner surface at r ~ 0.57
     assert mesh.is_watertight  # the weak cap (peak 24 < level 30) is closed, not a hole
-    plain = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0, fill_fraction=0.0))
+    plain = extract_mesh(Shell(), MeshSettings(resolution=96, level=30.0, fill_fraction=0.0, colors="vertex"))
     assert np.linalg.norm(plain.vertices, axis=1).min() < 0.58  # without filling: inner shell too
 
 
@@ -228,7 +265,7 @@ class SphereSDF:
 
 
 def test_a_surface_field_exports_its_zero_set_without_a_level():
-    mesh = extract_mesh(SphereSDF(), MeshSettings(resolution=64))
+    mesh = extract_mesh(SphereSDF(), MeshSettings(resolution=64, colors="vertex"))
     assert np.linalg.norm(mesh.vertices, axis=1) == pytest.approx(0.5, abs=0.004)
     assert mesh.is_watertight and mesh.volume > 0  # outward normals: negative inside is inside
     assert np.allclose(mesh.visual.vertex_colors[:, :3], 64, atol=1)

@@ -33,6 +33,27 @@ def color_values(mesh):
     return [values[i:i + 3] for i in range(0, len(values), 4)]
 
 
+def images_of(objects) -> list[dict]:
+    """The image textures the objects' materials use: name, size in pixels, colour space and the
+    spread of its pixel values (0 for an image Blender could not read: a blank or missing file)."""
+    found = {}
+    for obj in objects:
+        for slot in obj.material_slots:
+            if slot.material is None or not slot.material.use_nodes:
+                continue
+            for node in slot.material.node_tree.nodes:
+                if node.type == "TEX_IMAGE" and node.image is not None and node.image.name not in found:
+                    image = node.image
+                    pixels = numpy.zeros(len(image.pixels), dtype=numpy.float32)
+                    if len(pixels):
+                        image.pixels.foreach_get(pixels)
+                    rgb = pixels.reshape(-1, 4)[:, :3]
+                    found[image.name] = {"name": image.name, "size": list(image.size),
+                                         "colorspace": image.colorspace_settings.name,
+                                         "std": float(rgb.std(axis=0).mean()) if len(rgb) else 0.0}
+    return list(found.values())
+
+
 def report(path):
     bpy.ops.wm.read_factory_settings(use_empty=True)
     suffix = path[path.rfind("."):].lower()
@@ -54,7 +75,8 @@ def report(path):
         spread = float(arr.std(axis=0).mean())
     materials = sorted({slot.material.name for o in objects for slot in o.material_slots if slot.material})
     return {"file": path, "objects": len(objects), "vertices": vertices, "min": list(lo), "max": list(hi),
-            "colors": len(colors), "color_std": spread, "materials": materials}
+            "colors": len(colors), "color_std": spread, "materials": materials, "images": images_of(objects),
+            "uv_layers": sum(len(o.data.uv_layers) for o in objects)}
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 blender -b --factory-startup --python tests/tools/blender_render.py -- \
     --transforms DATA/transforms_test.json --views 0 4 8 --size 128 --out DIR FILE...
 
-Each FILE is opened with Blender's default importer (what a user gets), its materials replaced
-by an emission shader reading the mesh's colour attribute: a radiance field bakes its lighting
-into the colours, so unlit is how the export should look. The view transform is "Standard", so
-an emitted linear value leaves as its sRGB encoding, and the film is transparent, so alpha is
-the mesh's coverage. Writes DIR/<FILE's name>/r_<view>.png and prints one GEN3D JSON line a file.
+Each FILE is opened with Blender's default importer (what a user gets) and made to emit the
+colour its imported material shows, through the material's own nodes: whatever feeds the
+Principled BSDF's Base Color (an image texture with its UVs, or a colour attribute), else the
+mesh's colour attribute (Blender's OBJ and PLY importers leave vertex colours unconnected). A
+radiance field bakes its lighting into the colours, so unlit is how the export should look. The
+view transform is "Standard", so an emitted linear value leaves as its sRGB encoding, and the
+film is transparent, so alpha is the mesh's coverage. Writes DIR/<index>_<FILE's name>/r_<view>.png
+and prints one GEN3D JSON line a file, with what fed its colour ("colors").
 """
 
 import argparse
@@ -34,24 +37,62 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args(sys.argv[sys.argv.index("--") + 1:])
 
 
-def unlit(obj: bpy.types.Object) -> None:
-    """Replace the object's materials with emission of its colour attribute."""
+def base_color_source(material) -> "bpy.types.NodeSocket | None":
+    """The output socket feeding the Base Color of the material's Principled BSDF, as the
+    importer built it (an image texture, a colour attribute, a mix of them), or None."""
+    if material is None or not material.use_nodes:
+        return None
+    for node in material.node_tree.nodes:
+        if node.type == "BSDF_PRINCIPLED" and node.inputs["Base Color"].links:
+            return node.inputs["Base Color"].links[0].from_socket
+    return None
+
+
+def emit(material, source) -> None:
+    """Make ``material`` emit what ``source`` (a socket of its own node tree) gives, and nothing else."""
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    emission = nodes.new("ShaderNodeEmission")
+    output = nodes.new("ShaderNodeOutputMaterial")
+    links.new(source, emission.inputs["Color"])
+    links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    for node in nodes:  # the new output is the one Cycles renders
+        if node.type == "OUTPUT_MATERIAL":
+            node.is_active_output = node == output
+
+
+def color_source_name(source) -> str:
+    """What feeds the colour, for the report: the image's name and size, or the node's type."""
+    node = source.node
+    while node.type != "TEX_IMAGE" and any(i.links for i in node.inputs):  # look through mix nodes
+        node = next(i.links[0].from_node for i in node.inputs if i.links)
+    if node.type == "TEX_IMAGE" and node.image is not None:
+        return f"image {node.image.name} {node.image.size[0]}x{node.image.size[1]}"
+    return node.type.lower()
+
+
+def unlit(obj: bpy.types.Object) -> list[str]:
+    """Make the object emit the colour its imported materials show: what feeds each one's Base
+    Color (an image texture or the colour attribute, whichever the importer connected), else the
+    mesh's colour attribute (Blender's OBJ and PLY importers leave vertex colours unconnected).
+    Returns what feeds each material, for the report."""
     mesh = obj.data
+    sources = [base_color_source(slot.material) for slot in obj.material_slots]
+    if sources and all(sources):
+        for slot, source in zip(obj.material_slots, sources):
+            emit(slot.material, source)
+        return [color_source_name(s) for s in sources]
     if not len(mesh.color_attributes):
-        raise SystemExit(f"{obj.name}: the import has no colour attribute")
+        raise SystemExit(f"{obj.name}: the import has neither a material colour input nor a colour attribute")
     layer = (mesh.color_attributes.active_color or mesh.color_attributes[0]).name
     material = bpy.data.materials.new("unlit")
     material.use_nodes = True
-    nodes, links = material.node_tree.nodes, material.node_tree.links
-    nodes.clear()
-    color = nodes.new("ShaderNodeVertexColor")
+    material.node_tree.nodes.clear()
+    color = material.node_tree.nodes.new("ShaderNodeVertexColor")
     color.layer_name = layer
-    emission = nodes.new("ShaderNodeEmission")
-    output = nodes.new("ShaderNodeOutputMaterial")
-    links.new(color.outputs["Color"], emission.inputs["Color"])
-    links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    emit(material, color.outputs["Color"])
     mesh.materials.clear()
     mesh.materials.append(material)
+    return [f"attribute {layer}"]
 
 
 def setup_scene(size: int, samples: int, camera_angle_x: float) -> bpy.types.Object:
@@ -85,18 +126,17 @@ def setup_scene(size: int, samples: int, camera_angle_x: float) -> bpy.types.Obj
     return camera
 
 
-def render_file(path: Path, transforms: dict, args: argparse.Namespace) -> dict:
+def render_file(index: int, path: Path, transforms: dict, args: argparse.Namespace) -> dict:
     """Import ``path`` into an empty scene, make it unlit and render it from each of ``args.views``."""
     began = time.perf_counter()
     bpy.ops.wm.read_factory_settings(use_empty=True)
     IMPORTERS[path.suffix.lower()](str(path))
     objects = [o for o in bpy.context.scene.objects if o.type == "MESH"]
-    for obj in objects:
-        unlit(obj)
+    colors = [source for obj in objects for source in unlit(obj)]
     imported = time.perf_counter() - began
     camera = setup_scene(args.size, args.samples, float(transforms["camera_angle_x"]))
     frames = transforms["frames"]
-    out = args.out / path.name
+    out = args.out / f"{index}_{path.name}"  # files of one name from several folders stay apart
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for view in args.views:
@@ -105,7 +145,7 @@ def render_file(path: Path, transforms: dict, args: argparse.Namespace) -> dict:
         bpy.context.scene.render.filepath = str(out / f"r_{view}.png")
         bpy.ops.render.render(write_still=True)
         written.append(str(out / f"r_{view}.png"))
-    return {"file": str(path), "objects": len(objects), "renders": written,
+    return {"file": str(path), "objects": len(objects), "renders": written, "colors": colors,
             "import_seconds": round(imported, 2), "seconds": round(time.perf_counter() - began, 2)}
 
 
@@ -114,8 +154,8 @@ def main() -> None:
     transforms = json.loads(args.transforms.read_text())
     if not 0 < float(transforms["camera_angle_x"]) < math.pi:
         raise SystemExit(f"{args.transforms}: camera_angle_x {transforms['camera_angle_x']} is not an angle in radians")
-    for path in args.files:
-        print("GEN3D " + json.dumps(render_file(path, transforms, args)), flush=True)
+    for index, path in enumerate(args.files):
+        print("GEN3D " + json.dumps(render_file(index, path, transforms, args)), flush=True)
 
 
 main()

@@ -68,23 +68,31 @@ def render_in_blender(files: list[Path], data_dir: Path, split: str, views: list
 def score_exports(run_dir: Path, data_dir: Path, formats=("glb", "obj", "ply"), views: int = 8,
                   split: str = "test", background=(1.0, 1.0, 1.0), blender: str = "blender",
                   samples: int = 16, keep: Path | None = None) -> dict[str, dict]:
-    """Per format: mean PSNR and alpha IoU over ``views`` held-out views, their minima, Blender's
-    seconds. The renders go to ``keep`` if given (to look at), else to a scratch folder."""
+    """Per format of RUN_DIR/mesh.FORMAT: see :func:`score_files`."""
+    files = {fmt: Path(run_dir) / f"mesh.{fmt}" for fmt in formats}
+    return score_files(files, data_dir, views, split, background, blender, samples, keep)
+
+
+def score_files(files: dict[str, Path], data_dir: Path, views: int = 8, split: str = "test",
+                background=(1.0, 1.0, 1.0), blender: str = "blender", samples: int = 16,
+                keep: Path | None = None) -> dict[str, dict]:
+    """Per named file: mean PSNR and alpha IoU over ``views`` held-out views, their minima,
+    what fed the colour in Blender ("colors": an image texture or a colour attribute) and
+    Blender's seconds. The renders go to ``keep`` if given (to look at), else to a scratch folder."""
     picked = held_out_views(data_dir, split, views)
     truths = [read_rgba(image_path(data_dir, split, v)) for v in picked]
     size = truths[0].shape[1]
-    files = [Path(run_dir) / f"mesh.{fmt}" for fmt in formats]
     bg = np.asarray(background, dtype=np.float64)
     scratch = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gen3d-fidelity-"))
     try:
-        reports = render_in_blender(files, data_dir, split, picked, size, scratch, blender, samples)
+        reports = render_in_blender(list(files.values()), data_dir, split, picked, size, scratch, blender, samples)
         scores = {}
-        for fmt, report in zip(formats, reports):
+        for name, report in zip(files, reports):
             per_view = [compare(read_rgba(Path(r)), t, bg) for r, t in zip(report["renders"], truths)]
-            scores[fmt] = {key: round(float(np.mean([s[key] for s in per_view])), 4) for key in ("psnr", "alpha_iou")}
-            scores[fmt].update(min_psnr=round(float(min(s["psnr"] for s in per_view)), 2),
-                               min_alpha_iou=round(float(min(s["alpha_iou"] for s in per_view)), 4),
-                               views=len(per_view), blender_seconds=report["seconds"])
+            scores[name] = {key: round(float(np.mean([s[key] for s in per_view])), 4) for key in ("psnr", "alpha_iou")}
+            scores[name].update(min_psnr=round(float(min(s["psnr"] for s in per_view)), 2),
+                                min_alpha_iou=round(float(min(s["alpha_iou"] for s in per_view)), 4),
+                                views=len(per_view), colors=report["colors"], blender_seconds=report["seconds"])
         return scores
     finally:
         if not keep:

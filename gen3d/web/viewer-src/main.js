@@ -73,8 +73,9 @@ function show(canvas, base64) {
       if (!node.isMesh) return;
       if (!node.geometry.attributes.normal) node.geometry.computeVertexNormals();  // for the lit view
       node.userData.lit = node.material;
+      // Unlit shows what training saw: the texture (or the vertex colours) as they are, no shading.
       node.userData.unlit = new MeshBasicMaterial({ vertexColors: node.material.vertexColors,
-        color: node.material.color });
+        color: node.material.color, map: node.material.map });
       meshes.push(node);
     });
     scene.add(gltf.scene);
