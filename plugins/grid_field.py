@@ -90,6 +90,12 @@ class GridNeRF(nn.Module):
         sigma = sigma0 + self.config.blob_density * (1 - distance).clamp_min(0)
         return torch.log(torch.expm1(sigma)) - self.shift
 
+    def vertices(self) -> torch.Tensor:
+        """World positions of the grid's vertices, in the table's row order (x, then y, then z)."""
+        low, high, r = self.aabb[:3], self.aabb[3:], self.resolution
+        axes = [torch.linspace(float(low[i]), float(high[i]), r, device=self.aabb.device) for i in range(3)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
     # --- lookups ---------------------------------------------------------------------
 
     def _cell(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +219,7 @@ class GridNeRF(nn.Module):
         """Start from another grid field (an earlier stage): take its box and values, resampled
         to this field's first resolution. False for any other kind of field (the core then
         distils it instead)."""
-        if not isinstance(source, GridNeRF) or source.n_sh != self.n_sh:
+        if type(source) is not GridNeRF or source.n_sh != self.n_sh:  # subclasses' column 0 means another thing
             return False
         self.load_state_dict_plain(source.state_dict_plain())
         self.refit(source.aabb, self.config.resolutions[0])
