@@ -1,0 +1,523 @@
+"""``mesh-refine``: refine an earlier stage's surface as a mesh against posed images (DMTet, as in
+Magic3D's second stage).
+
+The stage starts from the field of an earlier stage (``init_from``), any representation: its
+signed surface (``gen3d.fields.surface_of``; a density field's at the level that stage exported,
+read from its ``metrics.json``) is sampled on a cube grid, and a band of cells around the zero
+crossing becomes a deformable tetrahedral grid (gen3d.tets) whose vertices hold SDF values
+(redistanced to the start surface, so steps mean the same everywhere) and offsets bounded to a
+fraction of a cell. Colour lives in a voxel grid over the box, started from the earlier field's
+colour (``albedo(x)``, else its colour seen along the inward normal).
+
+Each step: marching tetrahedra -> mesh; the mesh is rasterised (gen3d.raster: nvdiffrast on CUDA
+when installed, our torch rasteriser elsewhere) into a few training views; the colour grid is read
+at each pixel's surface point; silhouette edges are antialiased so the loss reaches the outline's
+vertices. Loss: RGB on a random background + mask, a Laplacian on the mesh, and nvdiffrec's SDF
+sign regulariser on the crossed edges. At the end the core scores the rasterised mesh on the
+held-out views and exports it (decimated, coloured and baked by ``gen3d.export.finish_mesh``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import trimesh
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from torch import nn
+
+from gen3d import (Choice, Component, ConfigError, Gen3DError, HeldOutViews, Orbit, RenderSettings, StageOutputs,
+                   SurfaceField, TetMesh, VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors,
+                   fill_interior, finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice,
+                   laplacian_loss, level_from_silhouettes, load_trained_field, marching_tets, project, quick_psnr,
+                   raster_backend, rasterize, sdf_sign_loss, surface_of, tet_edges, tet_grid)
+
+@dataclass
+class TetSettings:
+    resolution: int = 80  # cube cells along the box's longest side (six tetrahedra each)
+    # Cells on each side of the start surface that the grid covers: how far the surface may
+    # move. Cells beyond are never built, which keeps a step's marching to the band.
+    band: int = 3
+    max_deform: float = 0.25  # vertex offsets are bounded to this fraction of a cell (tanh)
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.resolution <= 256:
+            raise ValueError(f"resolution must be between 8 and 256 cells, got {self.resolution}")
+        if not 1 <= self.band <= 16:
+            raise ValueError(f"band must be 1..16 cells, got {self.band}")
+        if not 0 <= self.max_deform < 0.5:
+            raise ValueError(f"max_deform is a fraction of a cell in [0, 0.5) (more lets tetrahedra fold), "
+                             f"got {self.max_deform}")
+
+
+@dataclass
+class RefineTrain:
+    views_per_step: int = 4  # whole training images rendered a step
+    sdf_lr: float = 0.05  # Adam step of the SDF values, in cells
+    deform_lr: float = 0.02  # Adam step of the offsets' tanh arguments
+    color_lr: float = 0.02
+    mask_weight: float = 1.0  # the antialiased coverage against the images' alpha: the outline
+    laplacian_weight: float = 0.1  # smoothness of the mesh (offsets in cells, squared)
+    sdf_weight: float = 0.01  # nvdiffrec's SDF sign regulariser on the crossed edges
+    # Colour differences move the surface too (through where each pixel reads the colour grid);
+    # false: only the outline and the regularisers shape it.
+    photometric_geometry: bool = True
+    # A random background colour per view (images with alpha): the colour grid cannot paint the
+    # background onto the surface, and the outline must come from coverage.
+    random_background: bool = True
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # evaluation and previews
+
+    def __post_init__(self) -> None:
+        if self.views_per_step < 1:
+            raise ValueError(f"views_per_step must be at least 1, got {self.views_per_step}")
+        for name in ("sdf_lr", "deform_lr", "color_lr", "mask_weight", "laplacian_weight", "sdf_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if len(self.background) != 3:
+            raise ValueError(f"background must be 3 numbers (RGB in 0..1), got {self.background}")
+
+
+@dataclass
+class MeshRefineConfig:
+    data: Choice = choice("dataset", "nerf-synthetic")
+    tets: TetSettings = field(default_factory=TetSettings)
+    color_resolution: int = 128  # colour grid vertices along each side of the box
+    # Gaussian blur (its sigma, in cells) of the start SDF: a reconstructed density's surface
+    # carries bumps where its colour changes, finer than the grid and not in the object.
+    smooth_start: float = 0.75
+    # Before training, the colour grid is fitted to the training images on the start mesh for
+    # this many steps (all views at once): the images' colours, not the field's, from step 0.
+    color_fit_steps: int = 50
+    train: RefineTrain = field(default_factory=RefineTrain)
+    # A finished run (its folder, a stage's folder or a checkpoint) to start from instead of an
+    # earlier stage of this recipe (init_from): refine any reconstruction after the fact.
+    source: Path | None = None
+    # The earlier density field's surface level; None: the level its stage exported at (its
+    # metrics.json), else the level that draws this data's silhouettes.
+    level: float | None = None
+    turntable_elevation: float = 25.0  # degrees; preview.elevation overrides it
+    eval_views: int = 8  # held-out views for the quick evaluations during training
+
+    def __post_init__(self) -> None:
+        if self.smooth_start < 0 or self.color_fit_steps < 0:
+            raise ValueError(f"smooth_start and color_fit_steps must be 0 or more, got {self.smooth_start}, "
+                             f"{self.color_fit_steps}")
+        if not 2 <= self.color_resolution <= 512:
+            raise ValueError(f"color_resolution must be 2..512, got {self.color_resolution}")
+        if self.level is not None and not self.level > 0:
+            raise ValueError(f"level must be positive, got {self.level}")
+
+
+class ColorGrid(nn.Module):
+    """RGB on a dense voxel grid over a box, read trilinearly (eight-corner ``F.embedding_bag``)."""
+
+    def __init__(self, aabb: torch.Tensor, resolution: int):
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone().float())
+        self.resolution = resolution
+        self.table = nn.Parameter(torch.full((resolution ** 3, 3), 0.5, device=aabb.device))
+        r = resolution
+        self.register_buffer("offsets", torch.tensor([(a * r + b) * r + c for a in (0, 1) for b in (0, 1)
+                                                      for c in (0, 1)], device=aabb.device), persistent=False)
+
+    def points(self) -> torch.Tensor:
+        axes = [torch.linspace(float(self.aabb[i]), float(self.aabb[i + 3]), self.resolution,
+                               device=self.aabb.device) for i in range(3)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+    def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eight table rows around each point [N, 8] and their trilinear weights [N, 8]."""
+        r = self.resolution
+        g = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0, 1) * (r - 1)
+        i0 = g.detach().floor().clamp(max=r - 2)
+        f = g - i0
+        i0 = i0.long()
+        idx = ((i0[:, 0] * r + i0[:, 1]) * r + i0[:, 2])[:, None] + self.offsets[None]
+        wx, wy, wz = (torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3))
+        return idx, (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.corners(x)
+        return F.embedding_bag(idx, self.table, per_sample_weights=w, mode="sum").clamp(0, 1)
+
+    @torch.no_grad()
+    def fit(self, points: torch.Tensor, colors: torch.Tensor, iterations: int, lr: float = 0.05) -> None:
+        """Fit the table to colours seen at surface points: a trilinear splat (each vertex the
+        weighted mean of the points around it; vertices no point reaches keep their value), then
+        Adam on the squared error over all points at once."""
+        idx, w = self.corners(points)
+        total = torch.zeros(len(self.table), device=points.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
+        summed = torch.zeros_like(self.table).index_add_(0, idx.reshape(-1), (w[..., None] * colors[:, None]).reshape(-1, 3))
+        seen = total > 1e-3
+        self.table[seen] = summed[seen] / total[seen, None]
+        optimizer = torch.optim.Adam([self.table], lr=lr)
+        for _ in range(iterations):
+            with torch.enable_grad():
+                loss = ((F.embedding_bag(idx, self.table, per_sample_weights=w, mode="sum") - colors) ** 2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+
+
+class RefinedSurface(nn.Module):
+    """The stage's field: a band of deformable tetrahedra with SDF values, and a colour grid."""
+
+    def __init__(self, base: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor, frozen: torch.Tensor,
+                 cell: float, max_deform: float, colors: ColorGrid):
+        super().__init__()
+        self.cell, self.max_deform = cell, max_deform
+        self.register_buffer("base", base)
+        self.register_buffer("tets", tets)
+        self.register_buffer("frozen", frozen)  # the band's outer vertices keep their SDF: the surface stays inside it
+        self.register_buffer("sdf0", sdf.clone())
+        self.sdf = nn.Parameter(sdf.clone())
+        self.deform = nn.Parameter(torch.zeros_like(base))
+        self.colors = colors
+        self.register_buffer("aabb", colors.aabb.clone())
+
+    def positions(self) -> torch.Tensor:
+        return self.base + self.max_deform * self.cell * torch.tanh(self.deform)
+
+    def signed(self) -> torch.Tensor:
+        return torch.where(self.frozen, self.sdf0, self.sdf)
+
+    def extract(self) -> TetMesh:
+        if getattr(self, "_edges", None) is None or self._edges.of_tet.shape[0] != len(self.tets):
+            self._edges = tet_edges(self.tets, len(self.base))
+        return marching_tets(self.positions(), self.signed(), self.tets, self._edges)
+
+    def albedo(self, x: torch.Tensor) -> torch.Tensor:
+        return self.colors(x)
+
+    def plain_state(self) -> dict:
+        return {name: t for name, t in self.state_dict().items()}
+
+    def load_plain_state(self, state: dict) -> None:
+        """Load a saved state whose band may hold a different number of vertices than this one's."""
+        for name, value in state.items():
+            module, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(module) if module else self
+            value = value.to(self.base.device)
+            if isinstance(getattr(owner, leaf), nn.Parameter):
+                setattr(owner, leaf, nn.Parameter(value))
+            else:
+                setattr(owner, leaf, value)
+        self._edges = None
+
+
+class RasterRenderer:
+    """What the core's end of stage reads of a renderer: which rasteriser drew the views."""
+
+    def __init__(self, device: torch.device):
+        self.path = f"raster-{raster_backend(device)}"
+
+
+class MeshRefine:
+    def __init__(self, config: MeshRefineConfig, run):
+        self.config, self.run = config, run
+        if not run.stage.init_from and config.source is None:
+            raise ConfigError(f"{run.recipe.source}: loop 'mesh-refine' refines an earlier stage's surface: "
+                              "set init_from to that stage's name (or source to a finished run)")
+        device = run.device
+        self.data = config.data.build()
+        self.train_views = self.data.train.cameras.to(device)
+        self.images = self.data.train.images.to(device)
+        self.background = torch.tensor(config.train.background, device=device)
+        self.random_background = config.train.random_background and self.data.has_alpha
+        self.generator = torch.Generator(device=device).manual_seed(run.seed)
+        if run.stage.init_from:
+            source, self.source_metrics, self.source_name = (run.field_of(run.stage.init_from), run.earlier_stage_path(
+                run.stage.init_from, "metrics.json"), f"stage {run.stage.init_from!r}")
+        else:
+            trained = load_trained_field(config.source, device)
+            source, self.source_metrics = trained.field, trained.checkpoint.parent.parent / "metrics.json"
+            self.source_name = str(config.source)
+        self.model, self.start_metrics = self.build_model(source)
+        self.new_optimizer()
+        self._eval_mesh: TetMesh | None = None
+        run.log(f"mesh-refine: {len(self.model.tets)} tetrahedra around the surface of {self.source_name}; "
+                f"rasteriser: {raster_backend(device)}")
+
+    # --- the start ---------------------------------------------------------------------
+
+    def source_level(self, source) -> float | None:
+        if isinstance(source, SurfaceField):
+            return None
+        if self.config.level is not None:
+            return self.config.level
+        saved = self.source_metrics
+        if saved.is_file() and "export_level" in json.loads(saved.read_text()):
+            return float(json.loads(saved.read_text())["export_level"])
+        return self.level_from_data(source)
+
+    @torch.no_grad()
+    def level_from_data(self, source, rays: int = 32768) -> float:
+        """The density level that draws this data's silhouettes (as nerf-reconstruct chooses it)."""
+        pixels = self.images.reshape(-1, 4)
+        pick = torch.randint(len(pixels), (min(rays, len(pixels)),), device=pixels.device,
+                             generator=torch.Generator(device=pixels.device).manual_seed(0))
+        h, w = self.images.shape[1:3]
+        origins, dirs = self.train_views.pixel_rays(pick // (h * w), pick % (h * w))
+        level = level_from_silhouettes(VolumeRenderer(source.aabb, RenderSettings()), source, origins, dirs,
+                                       pixels[pick, 3] > 0.5)
+        if level is None:
+            raise Gen3DError("mesh-refine: cannot choose the earlier field's surface level from these views; set level")
+        return level
+
+    @torch.no_grad()
+    def build_model(self, source) -> tuple[RefinedSurface, dict]:
+        tets, export = self.config.tets, self.run.stage.export
+        surface = surface_of(source, self.source_level(source), export.fill_fraction)
+        box = source.aabb.float()
+        points, cell = lattice(box, tets.resolution)
+        values = torch.cat([surface.surface(p) for p in points.split(1 << 18)])
+        outside = ((points < box[:3]) | (points > box[3:])).any(dim=1)
+        values[outside] = values.max()  # beyond the field's box is empty, not the box's border repeated
+        r = tets.resolution + 1
+        volume = values.reshape(r, r, r).cpu().numpy()
+        if export.fill_fraction > 0:  # no inner shells: the same interior filling as the export's
+            volume = fill_interior(volume, getattr(surface, "empty_above", 0.0), getattr(surface, "inside_value", None),
+                                   export.fill_band)
+        inside = drop_small_pieces(volume < 0, export.min_component)
+        volume = np.where(volume < 0, np.where(inside, volume, -volume), volume)  # dropped pieces turn outside
+        if not inside.any() or inside.all():
+            raise Gen3DError(f"mesh-refine: the surface of {self.source_name} does not cross its level inside "
+                             "its box; nothing to refine")
+        band = ndimage.binary_dilation(crossed_cells(inside), iterations=tets.band)
+        grid = tet_grid(box, tets.resolution, torch.from_numpy(band).to(box.device))
+        start_values = torch.from_numpy(volume.reshape(-1)).to(box.device)[grid.grid_index].float()
+        start = marching_tets(grid.positions, start_values, grid.tets)
+        sdf, start_mesh = redistance(grid.positions, start_values, start, cell)
+        if self.config.smooth_start > 0:
+            sdf = smoothed(sdf, volume, grid.grid_index, self.config.smooth_start, (tets.band + 1) * cell)
+        frozen = ~torch.from_numpy(inner_vertices(band).reshape(-1)).to(box.device)[grid.grid_index]
+        colors = ColorGrid(box, self.config.color_resolution)
+        colors.table.copy_(source_colors(source, surface, colors.points()))
+        model = RefinedSurface(grid.positions, grid.tets, sdf, frozen, cell, tets.max_deform, colors)
+        if self.config.color_fit_steps > 0:
+            colors.fit(*self.seen_colors(model.extract()), self.config.color_fit_steps)
+        metrics = {"start_faces": len(start_mesh.faces)}
+        if self.data.ground_truth_mesh is not None:
+            metrics["chamfer_start"] = round(chamfer(start_mesh, self.data.ground_truth_mesh), 5)
+        return model, metrics
+
+    @torch.no_grad()
+    def seen_colors(self, mesh: TetMesh, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Surface points of ``mesh`` under every training pixel its rasterisation covers where the
+        image is the object's (alpha over 0.5), and those pixels' colours."""
+        points, colors = [], []
+        for start in range(0, len(self.train_views), chunk):
+            pick = torch.arange(start, min(start + chunk, len(self.train_views)), device=self.images.device)
+            cameras = self.train_views[pick]
+            clip = project(mesh.verts, clip_matrices(cameras))
+            rast = rasterize(clip, mesh.faces, (cameras.height, cameras.width))
+            use = (rast[..., 3] > 0) & (self.images[pick][..., 3] > 0.5)
+            points.append(interpolate(mesh.verts, rast, mesh.faces)[use])
+            colors.append(self.images[pick][..., :3][use])
+        return torch.cat(points), torch.cat(colors)
+
+    def new_optimizer(self) -> None:
+        t = self.config.train
+        self.optimizer = torch.optim.Adam([
+            {"params": [self.model.sdf], "lr": t.sdf_lr * self.model.cell},
+            {"params": [self.model.deform], "lr": t.deform_lr},
+            {"params": [self.model.colors.table], "lr": t.color_lr}], betas=(0.9, 0.99))
+
+    # --- training ----------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, float]:
+        # On a CPU with several threads, the accumulating index_put/index_add in the rasteriser's
+        # and colour grid's backward sum in whatever order the threads finish: a resumed run would
+        # then drift from a straight one. torch's deterministic variants sort first instead.
+        with deterministic_on_cpu(self.images.device):
+            return self._step(step)
+
+    def _step(self, step: int) -> dict[str, float]:
+        t = self.config.train
+        self._eval_mesh = None
+        pick = torch.randint(len(self.train_views), (t.views_per_step,), generator=self.generator,
+                             device=self.images.device)
+        cameras = self.train_views[pick]
+        if self.random_background:
+            background = torch.rand(len(pick), 3, generator=self.generator, device=self.images.device)
+        else:
+            background = self.background.expand(len(pick), 3)
+        mesh = self.model.extract()
+        image = self.draw(mesh, cameras, background)
+        target = self.images[pick]
+        alpha = target[..., 3:]
+        rgb = target[..., :3] * alpha + background[:, None, None] * (1 - alpha)
+        mse = ((image[..., :3] - rgb) ** 2).mean()
+        mask = ((image[..., 3:] - alpha) ** 2).mean()
+        smooth = laplacian_loss(mesh.verts, mesh.faces) / self.model.cell ** 2
+        sign = sdf_sign_loss(self.model.signed(), mesh.edges, self.model.cell)
+        loss = mse + t.mask_weight * mask + t.laplacian_weight * smooth + t.sdf_weight * sign
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)), "mask": mask.item(),
+                "faces": float(len(mesh.faces))}
+
+    def draw(self, mesh: TetMesh, cameras, background: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, 4]: the mesh's colour over ``background`` [B, 3] and its coverage, antialiased."""
+        h, w = cameras.height, cameras.width
+        clip = project(mesh.verts, clip_matrices(cameras))
+        rast = rasterize(clip, mesh.faces, (h, w))
+        covered = rast[..., 3] > 0
+        points = interpolate(mesh.verts, rast, mesh.faces)[covered]
+        if not self.config.train.photometric_geometry:
+            points = points.detach()
+        color = torch.zeros(*covered.shape, 3, device=clip.device).index_put((covered,), self.model.albedo(points))
+        image = torch.where(covered[..., None], color, background[:, None, None].expand_as(color))
+        image = torch.cat([image, covered[..., None].float()], dim=-1)
+        return antialias(image, rast, clip, mesh.faces, edge_neighbors(mesh.faces))
+
+    # --- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"field": self.model.plain_state(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_plain_state(state["field"])
+        self.new_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self._eval_mesh = None
+
+    # --- evaluation and outputs --------------------------------------------------------
+
+    @torch.no_grad()
+    def render_view(self, cameras, index: int) -> np.ndarray:
+        if self._eval_mesh is None:
+            self._eval_mesh = self.model.extract()
+        image = self.draw(self._eval_mesh, cameras[index], self.background[None])
+        return image[0, ..., :3].clamp(0, 1).cpu().numpy()
+
+    def evaluate(self) -> dict[str, float]:
+        return quick_psnr(self.run, self.outputs(None), self.config.eval_views)
+
+    @torch.no_grad()
+    def finished_mesh(self, settings) -> trimesh.Trimesh:
+        """The refined surface, cleaned up, decimated and coloured (and baked) for export."""
+        mesh = self.model.extract()
+        out = trimesh.Trimesh(mesh.verts.cpu().numpy(), mesh.faces.cpu().numpy(), process=False)
+        out = keep_large_components(out, settings.min_component)
+        device = self.model.aabb.device
+        return finish_mesh(out, lambda points, normals: self.model.albedo(points.to(device)).cpu(), settings)
+
+    def outputs(self, train) -> StageOutputs:
+        self._eval_mesh = None
+        views = self.data.train.cameras
+        radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
+        center = tuple(((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist())
+        test = self.data.test
+        metrics = dict(self.start_metrics)
+        if train is not None:
+            metrics["refined_faces"] = int(train.last_metrics.get("faces", 0))
+        return StageOutputs(
+            field=self.model, renderer=RasterRenderer(self.images.device), render_view=self.render_view,
+            orbit=Orbit(radius, fov_of(views), max(views.width, 64), self.config.turntable_elevation, center),
+            held_out=HeldOutViews(test.cameras, test.images, self.config.train.background) if len(test.names) else None,
+            ground_truth_mesh=self.data.ground_truth_mesh, metrics=metrics, mesh=self.finished_mesh)
+
+
+# --- the start surface ---------------------------------------------------------------------
+
+
+def crossed_cells(inside: np.ndarray) -> np.ndarray:
+    """[r, r, r] cells of an (r+1)^3 lattice whose corners are not all on one side."""
+    corners = [inside[a:a + inside.shape[0] - 1, b:b + inside.shape[1] - 1, c:c + inside.shape[2] - 1]
+               for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    return np.logical_or.reduce(corners) & ~np.logical_and.reduce(corners)
+
+
+def inner_vertices(cells: np.ndarray) -> np.ndarray:
+    """[(r+1)^3] lattice vertices all of whose eight cells are marked."""
+    padded = np.pad(cells, 1)
+    r = cells.shape[0] + 1
+    around = [padded[a:a + r, b:b + r, c:c + r] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    return np.logical_and.reduce(around)
+
+
+def drop_small_pieces(inside: np.ndarray, min_fraction: float) -> np.ndarray:
+    """``inside`` without its connected pieces smaller than ``min_fraction`` of the largest
+    (floaters), as the export drops small mesh components."""
+    labels, count = ndimage.label(inside)
+    if count <= 1:
+        return inside
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = 1 + np.nonzero(sizes >= min_fraction * sizes.max())[0]
+    return np.isin(labels, keep)
+
+
+def smoothed(sdf: torch.Tensor, volume: np.ndarray, index: torch.Tensor, sigma: float, far: float) -> torch.Tensor:
+    """``sdf`` at the band's vertices blurred over the lattice (cells beyond the band at +-``far``
+    by the side ``volume`` puts them on)."""
+    full = np.where(volume < 0, -far, far).astype(np.float32).reshape(-1)
+    flat_index = index.cpu().numpy()
+    full[flat_index] = sdf.cpu().numpy()
+    blurred = ndimage.gaussian_filter(full.reshape(volume.shape), sigma).reshape(-1)
+    return torch.from_numpy(blurred[flat_index]).to(sdf.device)
+
+
+def redistance(positions: torch.Tensor, values: torch.Tensor, start: TetMesh,
+               cell: float) -> tuple[torch.Tensor, trimesh.Trimesh]:
+    """SDF values at the grid vertices: the distance to the start surface (dense samples of it,
+    nearest by a k-d tree), signed as the start values are. Any surface function works (a
+    density's ``level - density`` spans orders of magnitude; a step must move every part of the
+    surface alike)."""
+    mesh = trimesh.Trimesh(start.verts.cpu().numpy(), start.faces.cpu().numpy(), process=False)
+    count = int(np.clip(mesh.area / (cell / 8) ** 2, 1e5, 2e6))  # samples ~ cell/8 apart
+    samples, _ = trimesh.sample.sample_surface(mesh, count, seed=0)
+    distance, _ = cKDTree(samples).query(positions.cpu().numpy())
+    sign = np.where(values.cpu().numpy() < 0, -1.0, 1.0)
+    return torch.from_numpy(sign * np.maximum(distance, 1e-6)).float().to(positions.device), mesh
+
+
+@torch.no_grad()
+def source_colors(source, surface, points: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """The earlier field's colour at ``points``: its albedo, else its colour looking along the
+    inward normal of its surface (finite differences of the surface function)."""
+    out = []
+    for p in points.split(1 << 17):
+        if hasattr(source, "albedo"):
+            out.append(source.albedo(p))
+            continue
+        grad = torch.stack([surface.surface(p + eps * e) - surface.surface(p - eps * e)
+                            for e in torch.eye(3, device=p.device)], dim=1)
+        out.append(source(p, -F.normalize(grad, dim=1))[1])
+    return torch.cat(out).clamp(0, 1)
+
+
+def build(config: MeshRefineConfig, *, run) -> MeshRefine:
+    return MeshRefine(config, run)
+
+
+@hookimpl
+def gen3d_loops():
+    return [Component("mesh-refine", build, MeshRefineConfig,
+                      "refine an earlier stage's surface as a mesh (DMTet) against posed images; "
+                      "rasterised held-out PSNR; mesh export")]
+
+
+@contextlib.contextmanager
+def deterministic_on_cpu(device: torch.device):
+    """torch's deterministic algorithms for the duration, on the CPU only (on CUDA some ops have
+    none, and nvdiffrast's own kernels are what they are)."""
+    if torch.device(device).type != "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+

@@ -1,0 +1,175 @@
+"""Marching tetrahedra on an analytic sphere, and the mesh-refine stage after a tiny reconstruction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+import yaml
+
+from gen3d import ConfigError, load_recipe, run_recipe
+from gen3d.tets import cube_tets, laplacian_loss, marching_tets, tet_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+RADIUS = 0.6
+
+
+def sphere_grid(resolution=24):
+    grid = tet_grid(torch.tensor([-1.0, -1, -1, 1, 1, 1]), resolution)
+    return grid, grid.positions.norm(dim=1) - RADIUS
+
+
+def test_cube_split_fills_the_cube():
+    corners = torch.tensor([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=torch.float64)
+    volumes = [abs(torch.linalg.det(corners[t[1:]] - corners[t[0]])) / 6 for t in cube_tets()]
+    assert sum(volumes) == pytest.approx(1.0) and all(v == pytest.approx(1 / 6) for v in volumes)
+
+
+def test_marching_tets_on_a_sphere_is_closed_outward_and_round():
+    grid, sdf = sphere_grid()
+    mesh = marching_tets(grid.positions, sdf, grid.tets)
+    out = trimesh.Trimesh(mesh.verts.numpy(), mesh.faces.numpy(), process=False)
+    assert out.is_watertight and out.is_winding_consistent
+    assert out.volume > 0  # outward winding gives a positive signed volume
+    centroids = out.triangles_center
+    assert (np.einsum("ij,ij->i", out.face_normals, centroids) > 0).all()  # every face faces away from the centre
+    radius = np.linalg.norm(out.vertices, axis=1)
+    assert np.abs(radius - RADIUS).mean() < 0.004 and np.abs(radius - RADIUS).max() < 0.02
+    assert out.volume == pytest.approx(4 / 3 * np.pi * RADIUS ** 3, rel=0.03)
+
+
+def test_marching_tets_is_differentiable_in_sdf_and_positions():
+    grid, sdf = sphere_grid(16)
+    shift = torch.zeros((), requires_grad=True)
+    mesh = marching_tets(grid.positions, sdf + shift, grid.tets)
+    mean_radius = mesh.verts.norm(dim=1).mean()
+    mean_radius.backward()
+    # Raising an SDF of unit slope everywhere pulls the surface in by as much (linear interpolation
+    # along chords bends that slightly).
+    assert shift.grad == pytest.approx(-1.0, abs=0.05)
+    positions = grid.positions.clone().requires_grad_()
+    mesh = marching_tets(positions, sdf, grid.tets)
+    mesh.verts.sum().backward()
+    assert positions.grad.abs().sum() > 0
+
+
+def test_laplacian_of_a_flat_regular_grid_is_zero_inside():
+    xy = torch.stack(torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij"), -1).reshape(-1, 2)
+    verts = torch.cat([xy, torch.zeros(25, 1)], 1)
+    idx = torch.arange(25).reshape(5, 5)
+    a, b, c, d = idx[:-1, :-1].reshape(-1), idx[1:, :-1].reshape(-1), idx[1:, 1:].reshape(-1), idx[:-1, 1:].reshape(-1)
+    faces = torch.cat([torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)])
+    assert float(laplacian_loss(verts, faces)) > 0  # the border pulls inwards
+    bumped = verts.clone()
+    bumped[12, 2] = 1.0
+    assert float(laplacian_loss(bumped, faces)) > float(laplacian_loss(verts, faces))
+
+
+def tiny_refine_recipe(small_dataset, tmp_path, refine_steps=60, **refine):
+    """The shipped recipe made tiny: a few reconstruction steps on the 32 px toy, then a short refine."""
+    data = yaml.safe_load((ROOT / "recipes" / "nerf-refine.yaml").read_text())
+    nerf, stage = data["stages"]
+    nerf.update(steps=60, max_seconds=None, checkpoint_every=1000)
+    nerf["data"]["path"] = str(small_dataset)
+    nerf["representation"].update(resolutions=[16, 32], upsample_at=[20])
+    nerf["render"].update(samples_per_diagonal=64, occupancy_resolution=16, edge_supersample=1, eval_offsets=1)
+    nerf["train"] = {"rays_per_step": 1024, "tighten_box_at": 30}
+    nerf["export"] = {"resolution": 48, "formats": ["ply"], "colors": "vertex"}
+    nerf["preview"] = {"turntable_frames": 0, "test_images": 1}
+    stage.update(steps=refine_steps, max_seconds=None, checkpoint_every=10)
+    stage["data"]["path"] = str(small_dataset)
+    stage["tets"] = {"resolution": 24, "band": 2}
+    stage["color_resolution"] = 32
+    stage["smooth_start"] = 0  # a 24-cell grid's cells are too coarse to blur
+    stage.update(refine)
+    stage["export"] = {"formats": ["glb"], "colors": "vertex", "target_faces": None}
+    stage["preview"] = {"turntable_frames": 2, "test_images": 1}
+    path = tmp_path / "refine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path)
+
+
+def test_silhouettes_through_the_rasteriser_grow_a_small_sphere():
+    """The whole differentiable path (marching tets -> rasterize -> antialias -> mask loss ->
+    SDF values): a 0.5 sphere fitted to a 0.6 sphere's coverage grows, its mask error falls."""
+    from gen3d.cameras import orbit
+    from gen3d.raster import antialias, clip_matrices, edge_neighbors, project, rasterize
+
+    torch.manual_seed(0)
+    grid = tet_grid(torch.tensor([-1.0, -1, -1, 1, 1, 1]), 24)
+    cameras = orbit(8, 3.0, 20.0, 0.8, 48)
+
+    def coverage(mesh, views):
+        clip = project(mesh.verts, clip_matrices(views))
+        rast = rasterize(clip, mesh.faces, (48, 48))
+        return antialias((rast[..., 3:] > 0).float(), rast, clip, mesh.faces, edge_neighbors(mesh.faces))
+
+    with torch.no_grad():
+        target = coverage(marching_tets(grid.positions, grid.positions.norm(dim=1) - 0.6, grid.tets), cameras)
+    sdf = (grid.positions.norm(dim=1) - 0.5).requires_grad_()
+    optimizer = torch.optim.Adam([sdf], lr=0.01)
+    losses, radii = [], []
+    for step in range(30):
+        mesh = marching_tets(grid.positions, sdf, grid.tets)
+        loss = ((coverage(mesh, cameras[torch.arange(step % 2, 8, 2)]) - target[step % 2::2]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        radii.append(float(mesh.verts.norm(dim=1).mean()))
+    assert radii[-1] > radii[0] + 0.01, radii
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+
+
+@pytest.mark.slow
+def test_refine_after_a_tiny_reconstruction_improves_chamfer(small_dataset, tmp_path):
+    metrics = run_recipe(tiny_refine_recipe(small_dataset, tmp_path), tmp_path / "run", quiet=True)
+    refine = metrics["stages"]["refine"]
+    assert refine["renderer"].startswith("raster-")
+    assert refine["mesh_faces"] > 1000 and np.isfinite(refine["psnr_test"])
+    # The start surface is the reconstruction's (as its own export measures it); refining improves it.
+    assert refine["chamfer_start"] == pytest.approx(metrics["stages"]["nerf"]["chamfer"], rel=0.5)
+    assert refine["chamfer"] < refine["chamfer_start"], refine
+    curve = json.loads((tmp_path / "run" / "stages" / "refine" / "curves.json").read_text())["points"]
+    assert np.mean([p["mask"] for p in curve[-5:]]) < np.mean([p["mask"] for p in curve[:5]])  # the outlines fit
+    assert (tmp_path / "run" / "mesh.glb").is_file() and (tmp_path / "run" / "turntable.gif").is_file()
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["chamfer"] == refine["chamfer"]
+
+
+def test_refine_needs_init_from(small_dataset, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"loop: mesh-refine\nsteps: 3\ndata: {{path: {small_dataset}}}\n")
+    recipe = load_recipe(bad)
+    with pytest.raises(ConfigError, match="set init_from"):
+        run_recipe(recipe, tmp_path / "run", quiet=True)
+
+
+@pytest.mark.slow
+def test_refine_resumes_mid_stage_to_the_same_mesh(small_dataset, tmp_path, monkeypatch):
+    from gen3d.io import load_checkpoint
+    from gen3d.trainer import Interrupted
+    from gen3d_plugins.mesh_refine import MeshRefine
+
+    recipe = tiny_refine_recipe(small_dataset, tmp_path, refine_steps=20)
+    straight = run_recipe(recipe, tmp_path / "a", quiet=True)
+    original = MeshRefine.step
+
+    def interrupt(self, step):
+        if step == 13:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(MeshRefine, "step", interrupt)
+    with pytest.raises(Interrupted, match="interrupted at step 13"):
+        run_recipe(recipe, tmp_path / "b", quiet=True)
+    monkeypatch.setattr(MeshRefine, "step", original)
+    resumed = run_recipe(recipe, tmp_path / "b", resume=True, quiet=True)
+    a, b = (load_checkpoint(tmp_path / run / "stages" / "refine" / "checkpoints" / "last.safetensors")["loop"]["field"]
+            for run in ("a", "b"))
+    assert torch.allclose(a["sdf"], b["sdf"], atol=1e-5) and torch.allclose(a["colors.table"], b["colors.table"], atol=1e-5)
+    assert resumed["chamfer"] == pytest.approx(straight["chamfer"], abs=1e-4)
