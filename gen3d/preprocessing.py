@@ -2,7 +2,8 @@
 
 Detectors, segmenters and depth estimators are all components of the kind ``preprocessor``
 (hook ``gen3d_preprocessors``). What one can *do* is its role, a small protocol below:
-``detect``, ``segment`` or ``estimate_depth`` (:data:`PREPROCESSOR_ROLES` maps each role to its
+``detect``, ``segment`` or ``estimate_depth``; scene generation's image models ``generate``
+(text-to-image) or ``inpaint`` (inpainter) (:data:`PREPROCESSOR_ROLES` maps each role to its
 protocol). A component may play several roles and says which in a ``ROLES`` tuple on its config
 class (:func:`preprocessor_roles` reads it), so a stage can refuse a wrong choice before loading
 anything. Factories are called as ``factory(config, role="detector")``. Images are uint8 RGB
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -113,8 +114,24 @@ class DepthEstimator(Protocol):
     def estimate_depth(self, image: np.ndarray) -> DepthMap: ...
 
 
-# Each role and the protocol a component must satisfy to play it.
-PREPROCESSOR_ROLES: dict[str, type] = {"detector": Detector, "segmenter": Segmenter, "depth": DepthEstimator}
+@runtime_checkable
+class TextToImage(Protocol):
+    def generate(self, prompt: str, seed: int, camera: Any = None) -> np.ndarray:
+        """An RGB image (float32 [h, w, 3] in 0..1) of ``prompt``; the same seed gives the same image.
+        ``camera``: the view's camera, for components that need it (a teacher); models ignore it."""
+
+
+@runtime_checkable
+class Inpainter(Protocol):
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, seed: int, camera: Any = None) -> np.ndarray:
+        """``image`` (float [h, w, 3] in 0..1) with the pixels where ``mask`` (bool [h, w]) is True
+        filled in; every other pixel is returned exactly as given."""
+
+
+# Each role and the protocol a component must satisfy to play it. text-to-image and inpainter
+# are scene generation's image models (progressive Text2NeRF), chosen like any preprocessor.
+PREPROCESSOR_ROLES: dict[str, type] = {"detector": Detector, "segmenter": Segmenter, "depth": DepthEstimator,
+                                       "text-to-image": TextToImage, "inpainter": Inpainter}
 ROLES = tuple(PREPROCESSOR_ROLES)
 
 

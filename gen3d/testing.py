@@ -7,6 +7,8 @@ checkpoint goes through, on a CPU and with no download. Their outputs are meanin
 weights): they check plumbing, shapes and speed, not quality.
 
     python -m gen3d.testing stable-diffusion DIR   # a diffusers Stable Diffusion folder
+    python -m gen3d.testing sd-inpainting DIR      # a diffusers Stable Diffusion inpainting folder (9-channel UNet)
+    python -m gen3d.testing sd2-sized DIR          # random weights of SD 2.x's full size (also sd2-sized-inpainting)
     python -m gen3d.testing clip DIR               # a transformers CLIP folder
     python -m gen3d.testing zero123 DIR            # a diffusers Zero-1-to-3 folder (ashawkey's layout)
 """
@@ -57,21 +59,16 @@ def tiny_text_config(vocab_size: int, hidden: int = 32, max_length: int = 77):
                           bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
 
 
-def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 16,
-                               in_channels: int = 4, prediction_type: str = "epsilon") -> Path:
-    """A Stable-Diffusion-shaped pipeline folder (model_index.json, unet, vae, text_encoder,
-    tokenizer, scheduler). Images are ``latent_size * 2`` pixels (the VAE downsamples twice)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+def tiny_sd_parts(folder: Path, seed: int = 0, latent_size: int = 16, in_channels: int = 4,
+                  prediction_type: str = "epsilon") -> dict:
+    """The random parts of a tiny Stable Diffusion pipeline (unet, vae, text_encoder, tokenizer,
+    scheduler), as keyword arguments of a diffusers pipeline. The tokenizer needs files: it is
+    written into ``folder/tokenizer``, where the pipeline's ``save_pretrained`` puts it too."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    folder = Path(folder)
     torch.manual_seed(seed)
-    tokenizer = write_clip_tokenizer(folder / "tokenizer")
+    tokenizer = write_clip_tokenizer(Path(folder) / "tokenizer")
     text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer)))
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=in_channels, out_channels=4, layers_per_block=1,
@@ -84,10 +81,84 @@ def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 1
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, prediction_type=prediction_type,
                               clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def make_tiny_stable_diffusion(folder: Path, seed: int = 0, latent_size: int = 16,
+                               in_channels: int = 4, prediction_type: str = "epsilon") -> Path:
+    """A Stable-Diffusion-shaped pipeline folder (model_index.json, unet, vae, text_encoder,
+    tokenizer, scheduler). Images are ``latent_size * 2`` pixels (the VAE downsamples twice)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    parts = tiny_sd_parts(folder, seed, latent_size, in_channels, prediction_type)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    return folder
+
+
+def sd2_sized_parts(folder: Path, seed: int = 0, in_channels: int = 4) -> dict:
+    """Random parts with the shapes of stabilityai/stable-diffusion-2-1-base (UNet 866 M parameters,
+    VAE 84 M, OpenCLIP-H text encoder 340 M), for timing and memory: what a full-size run costs.
+    The text encoder's vocabulary is the byte-level tokenizer's 514 tokens, not 49408 (an embedding
+    table 0.1 GB smaller at fp16; the same compute)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(Path(folder) / "tokenizer")
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                          num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                          bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+                          pad_token_id=len(tokenizer) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=in_channels, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    # Stored in half precision, as the hub's fp16 weights: half the disk, and load with any dtype.
+    return {"vae": vae.half(), "text_encoder": CLIPTextModel(text).half(), "tokenizer": tokenizer,
+            "unet": unet.half(), "scheduler": scheduler}
+
+
+def make_tiny_sd(folder: Path, inpainting: bool = False, seed: int = 0, latent_size: int = 16,
+                 architecture: str = "tiny") -> Path:
+    """A tiny Stable Diffusion folder in the layout of the hub's SD 2.x checkpoints, as
+    ``save_pretrained`` writes it: ``model_index.json`` (StableDiffusionPipeline, or
+    StableDiffusionInpaintPipeline with ``inpainting``), ``unet/`` (4 input channels, or 9:
+    latents, mask, masked-image latents), ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/`` (PNDM, as stabilityai/stable-diffusion-2-1-base ships) and
+    ``feature_extractor/``; no safety checker (SD 2.x ships none). Tiny images are
+    ``latent_size * 2`` px. ``architecture="sd2"``: random weights of SD 2.x's full size
+    (:func:`sd2_sized_parts`; 512 px, ~2.6 GB on disk) instead."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    channels = 9 if inpainting else 4
+    if architecture == "sd2":
+        parts = sd2_sized_parts(folder, seed, channels)
+    elif architecture == "tiny":
+        parts = tiny_sd_parts(folder, seed, latent_size, channels)
+        parts["scheduler"] = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                                           set_alpha_to_one=False)
+    else:
+        raise ValueError(f"architecture must be tiny or sd2, got {architecture!r}")
+    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = cls(**parts, safety_checker=None, feature_extractor=CLIPImageProcessor(), requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    # Without torchvision transformers hands back its PIL variant, and the index would name it;
+    # the hub's folders name the class every install has.
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -208,7 +279,10 @@ def build_loop(recipe, out_dir: Path, device: str = "cpu", stage: int = 0):
 
 
 def main(argv: list[str]) -> int:
-    makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip, "zero123": make_tiny_zero123}
+    makers = {"stable-diffusion": make_tiny_stable_diffusion, "clip": make_tiny_clip, "zero123": make_tiny_zero123,
+              "sd-inpainting": lambda folder: make_tiny_sd(folder, inpainting=True),
+              "sd2-sized": lambda folder: make_tiny_sd(folder, architecture="sd2"),
+              "sd2-sized-inpainting": lambda folder: make_tiny_sd(folder, inpainting=True, architecture="sd2")}
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m gen3d.testing {{{','.join(makers)}}} DIR", file=sys.stderr)
         return 2

@@ -38,19 +38,20 @@ class ClipGuidanceConfig:
 
 
 class ClipGuidance:
-    def __init__(self, config: ClipGuidanceConfig, device: torch.device):
+    def __init__(self, config: ClipGuidanceConfig, device: torch.device, key: str = KEY):
+        """``key``: the recipe key errors name (other plugins reuse this loader for their CLIP)."""
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         self.config, self.device = config, torch.device(device)
         self.dtype = pick_dtype(config.dtype, self.device)
-        source = resolve(config.model, KEY)
-        model_config = load_pretrained(AutoConfig.from_pretrained, source, KEY, "transformers model")
+        source = resolve(config.model, key)
+        model_config = load_pretrained(AutoConfig.from_pretrained, source, key, "transformers model")
         if model_config.model_type != "clip":
-            raise ConfigError(f"{KEY}: {config.model!r} is a {model_config.model_type!r} model; CLIP guidance "
-                              "needs a CLIP model (model_type 'clip'), e.g. openai/clip-vit-base-patch32")
-        self.model = load_pretrained(CLIPModel.from_pretrained, source, KEY, "CLIP model", dtype=self.dtype)
+            raise ConfigError(f"{key}: {config.model!r} is a {model_config.model_type!r} model, not a CLIP "
+                              "model (model_type 'clip'), e.g. openai/clip-vit-base-patch32")
+        self.model = load_pretrained(CLIPModel.from_pretrained, source, key, "CLIP model", dtype=self.dtype)
         self.model.eval().requires_grad_(False).to(self.device)
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source, KEY, "CLIP tokenizer")
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source, key, "CLIP tokenizer")
         self.input_size = self.model.config.vision_config.image_size
         mean, std = self._normalisation(source)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)

@@ -91,6 +91,7 @@ def optional_choice(raw: Any, ctx: Context, key: str) -> Choice | None:
     if raw is None or isinstance(raw, Choice):
         return raw
     parent, _, name = key.rpartition(".")
+    name = name.replace("-", "_")  # a role such as text-to-image: its recipe key is text_to_image
     # A one-field settings class with a choice() field: resolved, and its errors worded, as any recipe's.
     holder = dataclasses.make_dataclass("Picked", [(name, Any, choice(KIND, ""))])
     return getattr(from_dict(holder, {name: raw}, with_registry(ctx), parent), name)
