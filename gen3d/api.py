@@ -13,7 +13,8 @@ from .cameras import Cameras, PixelFilter, focal_from_fov, look_at, orbit, rando
 from .colors import encode_colors, linear_to_srgb, srgb_to_linear
 from .config import Choice, Context, choice, from_dict
 from .errors import ConfigError, DataError, Gen3DError, PluginError, TrainingDiverged, call_plugin
-from .export import MeshSettings, up_axis
+from .export import (MeshSettings, fill_interior, finish_mesh, keep_large_components, level_from_silhouettes,
+                     up_axis)
 from .fields import (CAPABILITIES, DensitySurface, Field, RadianceField, RefittableField, SurfaceField,
                      TrainableField, surface_of)
 from .guidance import (Guidance, GuidanceInput, GuidanceOutput, ReferenceView, ViewAngles, Weighting, ZeroVariant,
@@ -24,15 +25,19 @@ from .hub import load_pretrained, pick_dtype, resolve
 from .io import atomic_path, load_checkpoint, to_uint8, write_gif, write_json, write_text
 from .outputs import (HeldOutViews, Orbit, PreviewSettings, Silhouettes, StageOutputs, chamfer, fov_of,
                       plain_view_renderer, psnr, quick_psnr)
-from .preprocessing import (PREPROCESSOR_ROLES, DepthEstimator, DepthMap, Detections, Detector, Segmentation,
-                            Segmenter, preprocessor_roles)
+from .preprocessing import (PREPROCESSOR_ROLES, DepthEstimator, DepthMap, Detections, Detector, Inpainter,
+                            Segmentation, Segmenter, TextToImage, preprocessor_roles)
 from .prompts import EmbeddingCache, ViewPrompts, view_prompts
 from .recipe import Recipe, StageSettings, apply_override, parse_override
 from .render import (RenderOutput, RenderSettings, VolumeRenderer, binary_entropy, cell_max_density,
                      pixel_means)
 from .run import Run, StageLoop, TrainingLoop, TrainResult
+from .raster import antialias, clip_matrices, edge_neighbors, interpolate, project, rasterize
+from .raster import backend as raster_backend
 from .runs import TrainedField, load_trained_field
 from .specs import Component
+from .texture import MeshTexture, texture_of
+from .tets import TetEdges, TetGrid, TetMesh, lattice, laplacian_loss, marching_tets, sdf_sign_loss, tet_edges, tet_grid
 from .training import FieldLoop, FieldTrainer
 
 

@@ -94,6 +94,12 @@ class StageOutputs:
     silhouettes: Callable[[], Silhouettes | None] | None = None
     ground_truth_mesh: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Draws turntable frames (None: render_view). A preview need not be drawn at the cost of a
+    # score: a loop whose render_view averages several renderings per view can pass one cheaper.
+    render_preview: ViewRenderer | None = None
+    # A loop that makes its own surface mesh (mesh-refine) hands it here: called with the stage's
+    # export settings, it returns the finished, coloured mesh, exported instead of marching cubes.
+    mesh: Callable[[MeshSettings], Any] | None = None
 
 
 def finish_stage(run, outputs: StageOutputs, export: MeshSettings, preview: PreviewSettings,
@@ -106,16 +112,19 @@ def finish_stage(run, outputs: StageOutputs, export: MeshSettings, preview: Prev
     files: list[Path] = []
     if write_exports and export.formats:
         settings = export
-        if settings.level is None and not isinstance(outputs.field, SurfaceField):
+        own_surface = isinstance(outputs.field, SurfaceField) or outputs.mesh is not None
+        if settings.level is None and not own_surface:
             settings = replace(export, level=surface_level(outputs))
             settings.exporters = export.exporters  # resolved at validation; replace() does not copy it
-        if settings.level is not None and not isinstance(outputs.field, SurfaceField):
+        if settings.level is not None and not own_surface:
             metrics["export_level"] = round(settings.level, 4)
         began = time.perf_counter()
-        mesh = extract_mesh(outputs.field, settings)
+        mesh = outputs.mesh(settings) if outputs.mesh is not None else extract_mesh(outputs.field, settings)
         files = export_mesh(mesh, run.out_dir, settings.exporters)
         metrics.update(export_seconds=round(time.perf_counter() - began, 2), mesh_vertices=len(mesh.vertices),
                        mesh_faces=len(mesh.faces))
+        if mesh.metadata.get("export_seconds"):  # where the export's time went: marching cubes, atlas, bake...
+            metrics["export_phases"] = mesh.metadata["export_seconds"]
         if outputs.ground_truth_mesh is not None:
             metrics["chamfer"] = round(chamfer(mesh, outputs.ground_truth_mesh), 5)
     if preview.turntable_frames > 0:
@@ -192,7 +201,8 @@ def turntable_cameras(outputs: StageOutputs, preview: PreviewSettings) -> Camera
 @torch.no_grad()
 def write_turntable(run, outputs: StageOutputs, preview: PreviewSettings) -> None:
     cameras = turntable_cameras(outputs, preview).to(run.device)
-    write_gif(run.path("turntable.gif"), [outputs.render_view(cameras, i) for i in range(len(cameras))])
+    render = outputs.render_preview or outputs.render_view
+    write_gif(run.path("turntable.gif"), [render(cameras, i) for i in range(len(cameras))])
 
 
 def write_comparison(path: Path, preds: list[np.ndarray], truths: list[np.ndarray], count: int) -> None:

@@ -189,20 +189,24 @@ def load_recipe(path: Path, overrides: list[str] = (), *, registry) -> Recipe:
                                           cli_keys=frozenset(cli_keys), registry=registry))
 
 
-# Keys renamed since gen3d first wrote them: (section, old, new). Run folders keep the recipe
-# they ran with, so a teacher or a resumed run written before a rename must still load.
-RENAMED_KEYS = [("export", "decimate", "target_faces")]
+# Keys renamed since gen3d first wrote them: (section, old key, new key, what else the old
+# meaning implies). Run folders keep the recipe they ran with, so a teacher or a resumed run
+# written before a rename must still load and mean what it meant. export.decimate dates from
+# before textured exports: those runs exported vertex colours.
+RENAMED_KEYS = [("export", "decimate", "target_faces", {"colors": "vertex"})]
 
 
 def rename_old_keys(data: dict[str, Any]) -> None:
     """Move renamed keys to their new names, at the top and in every stage (in place)."""
     sections = [data, *[s for s in data.get("stages") or [] if isinstance(s, dict)]]
     for holder in sections:
-        for section, old, new in RENAMED_KEYS:
+        for section, old, new, implied in RENAMED_KEYS:
             part = holder.get(section)
             if isinstance(part, dict) and old in part:
                 value = part.pop(old)
                 part.setdefault(new, value)
+                for key, meant in implied.items():
+                    part.setdefault(key, meant)
 
 
 def recipe_from_dict(data: dict[str, Any], ctx: Context) -> Recipe:

@@ -45,4 +45,5 @@ def test_a_renamed_key_from_an_older_run_folder_still_loads(tmp_path):
     old.write_text(text.replace("export:\n", "export:\n  decimate: null\n", 1)
                    .replace("../assets/toy", str(ROOT / "assets" / "toy")))
     assert load_recipe(old).first.export.target_faces is None
+    assert load_recipe(old).first.export.colors == "vertex"  # what such runs exported
     assert load_recipe(old, ["export.decimate=1234"]).first.export.target_faces == 1234
