@@ -100,6 +100,7 @@ class RenderOutput:
     # ray index. Loops use them for per-sample regularisers (e.g. DreamFusion's orientation loss).
     weights: torch.Tensor | None = None
     ray_index: torch.Tensor | None = None
+    distances: torch.Tensor | None = None  # each sample's distance along its ray (free-space losses)
 
 
 def pixel_means(values: torch.Tensor, pixels: int, ray_pixel: torch.Tensor | None = None) -> torch.Tensor:
@@ -334,7 +335,7 @@ class VolumeRenderer:
             opacity = w.new_zeros(n_rays).index_add(0, ray, w)
             depth = w.new_zeros(n_rays).index_add(0, ray, w * t_mid)
             rgb = rgb + (1.0 - opacity)[:, None] * background
-        return RenderOutput(rgb, opacity, depth, len(ray), w, ray)
+        return RenderOutput(rgb, opacity, depth, len(ray), w, ray, t_mid)
 
     def _march(self, origins, dirs, stratified, offset=0.5):
         """Fixed-step samples inside the box, packed (only as many per ray as its chord needs),
@@ -376,4 +377,4 @@ class VolumeRenderer:
             t_starts, t_ends, ray_indices, n_rays=origins.shape[0], rgb_sigma_fn=rgb_sigma_fn,
             render_bkgd=background)
         return RenderOutput(rgb, opacity[:, 0], depth[:, 0], int(ray_indices.numel()),
-                            extras["weights"], ray_indices)
+                            extras["weights"], ray_indices, (t_starts + t_ends) / 2)

@@ -209,10 +209,24 @@ class GridNeRF(nn.Module):
         r = resolution or self.resolution
         axes = [torch.linspace(float(aabb[i]), float(aabb[i + 3]), r, device=self.table.device) for i in range(3)]
         yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)
-        slabs = [self._lookup(torch.cat([x.expand(len(yz), 1), yz], dim=1), slice(None)) for x in axes[0]]
+        empty = self.outside_row()
+        slabs = []
+        for x in axes[0]:
+            points = torch.cat([x.expand(len(yz), 1), yz], dim=1)
+            rows = self._lookup(points, slice(None))
+            if empty is not None:  # a larger box: what lies beyond the old one starts empty
+                beyond = ((points < self.aabb[:3]) | (points > self.aabb[3:])).any(dim=1)
+                rows[beyond] = empty.to(rows.dtype)
+            slabs.append(rows)
         self.table = nn.Parameter(torch.cat(slabs).contiguous())
         self.aabb = aabb.clone().float().to(self.table.device)
         self.resolution = r
+
+    def outside_row(self) -> torch.Tensor | None:
+        """The table row for space a refit adds beyond the old box (a scene loop grows its box as
+        views see farther): raw 0, the clear start every vertex had. None repeats the old box's
+        edge values instead, for fields whose raw 0 means something else."""
+        return torch.zeros(self.table.shape[1], device=self.table.device)
 
     @torch.no_grad()
     def init_from(self, source) -> bool:

@@ -122,6 +122,9 @@ class OccupancyField(GridNeRF):
         lr[0] = self.config.logit_lr
         return RowAdam([self.table], lr=lr, betas=self.config.betas)
 
+    def outside_row(self) -> None:
+        return None  # raw 0 is no empty space here: a grown box repeats the edge values
+
     @torch.no_grad()
     def init_from(self, source) -> bool:
         """From an earlier occupancy-grid stage (its values), or from a grid-nerf stage: the

@@ -242,6 +242,9 @@ class SDFGrid(GridNeRF):
         second = (f[:, 1:4] + f[:, 4:7] - 2 * f[:, :1]) / h
         return second.pow(2).mean()
 
+    def outside_row(self) -> None:
+        return None  # raw 0 is no empty space here: a grown box repeats the edge values
+
     @torch.no_grad()
     def init_from(self, source) -> bool:
         """From an earlier sdf-grid stage: its box, values and s, resampled to this resolution."""

@@ -64,12 +64,13 @@ def rotation(axis: torch.Tensor, angle: float) -> torch.Tensor:
     return torch.eye(3, dtype=torch.float64) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
 
 
-def forward_poses(start: torch.Tensor, translation: float, rotation_deg: float) -> torch.Tensor:
-    """[9, 4, 4]: the start pose, then the 8 directions in their fixed order."""
+def forward_poses(start: torch.Tensor, translation: float, rotation_deg: float, first_deg: float = 0.0) -> torch.Tensor:
+    """[9, 4, 4]: the start pose, then the 8 directions in their fixed order (the first at
+    ``first_deg`` from the camera's +x: 22.5 puts poses between the trajectory's, to hold out)."""
     start = start.double()
     poses = [start]
     for k in range(8):
-        angle = math.radians(45 * k)
+        angle = math.radians(first_deg + 45 * k)
         along = torch.tensor([math.cos(angle), math.sin(angle), 0.0], dtype=torch.float64)  # camera axes
         # Turning toward `along` tilts the viewing axis (-z) into it: a rotation about z x along.
         axis = torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), along)
