@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from gen3d import (PREPROCESSOR_ROLES, Choice, Component, ConfigError, FieldLoop, FieldTrainer, Orbit, RenderSettings,
-                   StageOutputs, atomic_path, choice, finish_mesh, hookimpl, keep_large_components, pixel_means,
+                   StageOutputs, atomic_path, choice, finish_mesh, hookimpl, pixel_means,
                    preprocessor_roles, scene, to_uint8, write_json)
 
 PREPROCESSOR = "preprocessor"
@@ -146,12 +146,19 @@ class FlythroughSettings:
 class SceneMeshSettings:
     fusion: scene.FusionConfig = field(default_factory=scene.FusionConfig)
     depth_size: int = 256  # width of the field's depth renderings fused into the mesh
-    min_opacity: float = 0.5  # pixels the field renders less opaque than this are unknown
     points_per_view: int = 50_000  # scene_points.ply: at most this many coloured points a view
+    # Pieces of the mesh with fewer faces than this are dropped (specks of noise). An object's
+    # export drops pieces small against the largest; in a room the largest is the room itself,
+    # and a vase on a table is a separate, small piece worth keeping.
+    min_faces: int = 64
+    # A vertex's colour is rendered along a camera ray started this many marching steps before it.
+    colour_offset: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.depth_size < 16 or not 0 < self.min_opacity < 1 or self.points_per_view < 0:
-            raise ValueError("depth_size must be >= 16, min_opacity in (0, 1), points_per_view >= 0")
+        if self.depth_size < 16 or self.points_per_view < 0:
+            raise ValueError("depth_size must be >= 16 and points_per_view >= 0")
+        if self.min_faces < 1 or self.colour_offset < 0:
+            raise ValueError("min_faces must be >= 1 and colour_offset >= 0")
 
 
 @dataclass
@@ -369,7 +376,7 @@ class Text2NeRF(FieldLoop):
         """Trajectory view ``index``: the field rendered there, its holes inpainted, their depth aligned."""
         cam, began = self.camera(self.poses[index]), time.perf_counter()
         rendered, opacity, ray_depth = self.render_full(cam)
-        z = scene.ray_to_z(ray_depth / opacity.clamp_min(1e-6), cam)
+        z = scene.ray_to_z(ray_depth, cam)
         began = self.timed("render", began)
         generated = [v for v in self.views if v.kind == "generated"]
         hole = scene.holes([v.depth for v in generated], [v.camera for v in generated], cam, self.config.splat)
@@ -395,7 +402,7 @@ class Text2NeRF(FieldLoop):
             new_depth = 1.0 / (1.0 / self.config.first_depth.far + disparity * (
                 1.0 / self.config.first_depth.near - 1.0 / self.config.first_depth.far))
         self.timed("align", began)
-        depth = torch.where(hole, new_depth, torch.where(opacity > 0.5, z, torch.full_like(z, math.inf)))
+        depth = torch.where(hole, new_depth, z)  # z is inf where the field is not opaque
         return View(cam, image, depth, hole, "generated", stats)
 
     def inpainter_candidates(self, image: np.ndarray, mask: np.ndarray, seed: int, camera) -> list[np.ndarray]:
@@ -404,14 +411,23 @@ class Text2NeRF(FieldLoop):
             return list(self.inpainter.inpaint_candidates(image, mask, prompt, seed, camera=camera))
         return [self.inpainter.inpaint(image, mask, prompt, seed, camera=camera)]
 
+    @torch.no_grad()
     def render_full(self, camera, chunk: int = 1 << 14):
-        """(rgb [H, W, 3], opacity [H, W], ray depth [H, W]) of the field, one ray a pixel centre, on black."""
+        """(rgb [H, W, 3], opacity [H, W], ray depth [H, W]) of the field, one ray a pixel centre, on
+        black. The depth is the *median* along the ray, where the opacity gathered reaches 0.5 (inf
+        where it never does): at an object's edge the mean depth lands between the object and
+        the wall behind it, a point on neither, which warped or fused becomes a flying surface."""
         device = self.run.device
         h, w = camera.height, camera.width
         origins, dirs = camera.to(device).image_rays(0)
-        out = self.renderer.render_chunked(self.field, origins, dirs, torch.zeros(3, device=device), chunk=chunk)
-        return (out.rgb.reshape(h, w, 3).clamp(0, 1).cpu(), out.opacity.reshape(h, w).cpu(),
-                out.depth.reshape(h, w).cpu())
+        black = torch.zeros(3, device=device)
+        rgb, opacity, depth = [], [], []
+        for o, d in zip(origins.split(chunk), dirs.split(chunk)):
+            out = self.renderer.render(self.field, o, d, black)
+            rgb.append(out.rgb.clamp(0, 1).cpu())
+            opacity.append(out.opacity.cpu())
+            depth.append(median_depth(out, len(o)).cpu())
+        return torch.cat(rgb).reshape(h, w, 3), torch.cat(opacity).reshape(h, w), torch.cat(depth).reshape(h, w)
 
     def add_views(self, index: int, step: int) -> None:
         """Trajectory view ``index`` (with the support set for the first), from views/ when a run
@@ -681,19 +697,56 @@ class Text2NeRF(FieldLoop):
         for pose in self.poses:
             cam = self.camera(pose, (size, height))
             _, opacity, ray_depth = self.render_full(cam)
-            z = scene.ray_to_z(ray_depth / opacity.clamp_min(1e-6), cam)
-            depths.append(torch.where(opacity > cfg.min_opacity, z, torch.full_like(z, math.inf)))
+            depths.append(scene.ray_to_z(ray_depth, cam))
             cameras.append(cam)
-        mesh = scene.fuse_depths(depths, cameras, self.field.aabb.detach().cpu(), cfg.fusion).mesh()
-        mesh = keep_large_components(mesh, settings.min_component)
-        field_ = self.field
-        device = field_.aabb.device
+        mesh = drop_specks(scene.fuse_depths(depths, cameras, self.field.aabb.detach().cpu(), cfg.fusion).mesh(),
+                           cfg.min_faces)
+        return finish_mesh(mesh, self.seen_colour, settings)
 
-        def colour(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-            # Seen from the free side: normals point toward the views, rays travel against them.
-            return field_(points.to(device).float(), -normals.to(device).float())[1].cpu()
+    @torch.no_grad()
+    def seen_colour(self, points: torch.Tensor, normals: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+        """The colour each surface point shows the trajectory's camera that sees it most squarely
+        (the smallest angle off that camera's axis): the field rendered along that camera's ray
+        through the point, started ``colour_offset`` marching steps before it. Two things a
+        colour read *at* the point, along its normal, gets wrong in a scene: a density field's
+        colour at its surface mixes in the untrained space in front, and the views saw a floor or
+        a wall only from one side and at a slant, so the view-dependent colour straight down its
+        normal is an extrapolation."""
+        device = self.run.device
+        offset = self.config.scene_mesh.colour_offset * self.renderer.step_size
+        eyes = self.poses[:, :3, 3].to(device)
+        axes = -self.poses[:, :3, 2].to(device)  # each camera looks down its -z
+        colours = []
+        for p in points.split(chunk):
+            p = p.to(device).float()
+            towards = torch.nn.functional.normalize(p[:, None] - eyes[None], dim=-1)  # [n, cameras, 3]
+            best = (towards * axes[None]).sum(-1).argmax(dim=1)
+            d = towards[torch.arange(len(p), device=device), best]
+            out = self.renderer.render(self.field, p - offset * d, d, torch.zeros(3, device=device))
+            colours.append((out.rgb / out.opacity.clamp_min(1e-3)[:, None]).clamp(0, 1).cpu())
+        return torch.cat(colours)
 
-        return finish_mesh(mesh, colour, settings)
+
+def median_depth(out, rays: int) -> torch.Tensor:
+    """[rays] the distance of each ray's first sample at which the opacity gathered reaches 0.5
+    (inf where it never does), from a rendering's packed samples (sorted by ray)."""
+    w, ray, t = out.weights.double(), out.ray_index, out.distances
+    total = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])  # total[k]: the weight of samples before k
+    count = torch.bincount(ray, minlength=rays)
+    first = torch.cumsum(count, 0) - count  # each ray's first sample
+    reached = (total[1:] - total[first][ray]) >= 0.5
+    return torch.full((rays,), math.inf, device=t.device, dtype=t.dtype).scatter_reduce(
+        0, ray[reached], t[reached], reduce="amin")
+
+
+def drop_specks(mesh, min_faces: int):
+    """``mesh`` without its connected pieces of fewer than ``min_faces`` faces."""
+    import trimesh
+
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    mesh.update_faces(np.bincount(labels)[labels] >= min_faces)
+    mesh.remove_unreferenced_vertices()
+    return mesh
 
 
 def _describe(stats: dict[str, float]) -> str:

@@ -56,9 +56,20 @@ class FusedVolume:
         volume = self.tsdf.numpy()
         if not (observed.any() and (volume[observed] < 0).any() and (volume[observed] > 0).any()):
             raise ValueError("scene fusion: the depth maps never cross a surface inside the box")
+        # Only cells whose 8 corners some view observed: where the band behind a surface ends,
+        # observed -1 meets unobserved voxels, and a cell across that edge would draw a second,
+        # backward sheet behind every surface.
+        corners = observed[:-1, :-1, :-1].copy()
+        for dx, dy, dz in [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)][1:]:
+            corners &= observed[dx:dx + corners.shape[0], dy:dy + corners.shape[1], dz:dz + corners.shape[2]]
         # Negative behind the surface: marching cubes' normals then point to the free side.
         verts, faces, _, _ = measure.marching_cubes(volume, 0.0, spacing=(self.voxel,) * 3, mask=observed)
-        return trimesh.Trimesh(verts + self.origin.numpy().astype(np.float64), faces, process=False)
+        cell = np.floor(verts[faces].mean(axis=1) / self.voxel).astype(np.int64)  # each face's cell
+        cell = np.minimum(cell, np.array(corners.shape) - 1)
+        mesh = trimesh.Trimesh(verts + self.origin.numpy().astype(np.float64), faces, process=False)
+        mesh.update_faces(corners[cell[:, 0], cell[:, 1], cell[:, 2]])
+        mesh.remove_unreferenced_vertices()
+        return mesh
 
 
 def fuse_depths(depths: list[torch.Tensor], cameras: list[Cameras], aabb: torch.Tensor,

@@ -34,7 +34,7 @@ def seen_points(points: np.ndarray, depths: list[torch.Tensor], cameras: list[Ca
         inside = (z > 0) & (col >= 0) & (col < cam.width) & (row >= 0) & (row < cam.height)
         surface = torch.full_like(z, float("inf"))
         surface[inside] = depth[row[inside], col[inside]].float()
-        seen |= ((z - surface).abs() <= tolerance * surface).numpy()
+        seen |= (inside & ((z - surface).abs() <= tolerance * surface)).numpy()
     return seen
 
 
