@@ -392,15 +392,18 @@ class Text2NeRF(FieldLoop):
         disparity = self.estimate_depth(image.numpy(), cam)
         began = self.timed("depth", began)
         stats = {"inpainted": round(float(hole.float().mean()), 4), "candidates": len(candidates)}
-        if int(known.sum()) >= self.config.align.min_pixels:
+        try:
             aligned = scene.align_depth(disparity, z, known, self.config.align)
+        except ValueError as failed:  # too few known pixels, or an estimate that grows with depth
+            # The view still teaches its colours; its holes take the first view's depth range.
+            self.run.log(f"view {index}: depth not aligned ({failed}); its holes take the first view's depth range")
+            stats["align_failed"] = 1.0
+            near, far = self.config.first_depth.near, self.config.first_depth.far
+            new_depth = 1.0 / (1.0 / far + disparity * (1.0 / near - 1.0 / far))
+        else:
             stats.update(align_error=round(aligned.error, 5), align_global_error=round(aligned.global_error, 5),
                          align_inliers=round(aligned.inliers, 4), align_scale=aligned.scale, align_shift=aligned.shift)
             new_depth = aligned.depth
-        else:  # the field sees nothing here yet: no scale to align to
-            self.run.log(f"view {index}: too few known pixels to align depth; using the first view's depth range")
-            new_depth = 1.0 / (1.0 / self.config.first_depth.far + disparity * (
-                1.0 / self.config.first_depth.near - 1.0 / self.config.first_depth.far))
         self.timed("align", began)
         depth = torch.where(hole, new_depth, z)  # z is inf where the field is not opaque
         return View(cam, image, depth, hole, "generated", stats)
