@@ -243,17 +243,14 @@ class Text2NeRF(FieldLoop):
             raise ConfigError(f"{run.recipe.source}: prompt is missing: add prompt=\"a cosy living room\" on the "
                               "command line or a prompt: key to the recipe")
         self.pinhole = config.camera.pinhole
-        start = torch.tensor(config.camera.start, dtype=torch.float32)
-        self.poses = scene.trajectory(config.trajectory, start)  # a malformed pose file stops here
-        if config.trajectory.kind == "file":
-            start = self.poses[0]
-        self.start = start
+        # A pose file's first pose is the start (config.camera.start is then not used).
+        self.poses = scene.trajectory(config.trajectory, torch.tensor(config.camera.start, dtype=torch.float32))
         self.view_steps = [0] + [config.schedule.first_steps + (k - 1) * config.schedule.steps_per_view
                                  for k in range(1, len(self.poses))]
         if run.steps <= self.view_steps[-1]:
             raise ConfigError(f"{run.recipe.source}: steps: {run.steps} ends before the last of the trajectory's "
                               f"{len(self.poses)} views (made at step {self.view_steps[-1]}); set steps above it, "
-                              "e.g. steps=" f"{self.view_steps[-1] + config.schedule.first_steps}")
+                              f"e.g. steps={self.view_steps[-1] + config.schedule.first_steps}")
         built: list = []
         self.text_to_image = role_object(config.text_to_image, "text-to-image", built)
         self.inpainter = role_object(config.inpainter, "inpainter", built)
