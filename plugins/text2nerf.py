@@ -86,6 +86,12 @@ class FirstDepth:
         if not 0 < self.near < self.far:
             raise ValueError(f"near and far are z-depths with 0 < near < far; got {self.near}, {self.far}")
 
+    def depth(self, disparity: torch.Tensor) -> torch.Tensor:
+        """z-depth from relative inverse depth, its farthest pixel at ``far`` and its nearest at ``near``."""
+        low, high = float(disparity.min()), float(disparity.max())
+        d = (disparity - low) / (high - low) if high > low else torch.zeros_like(disparity)
+        return 1.0 / (1.0 / self.far + d * (1.0 / self.near - 1.0 / self.far))
+
 
 @dataclass
 class SupportSettings:
@@ -350,10 +356,7 @@ class Text2NeRF(FieldLoop):
         began = self.timed("text_to_image", began)
         disparity = self.estimate_depth(image, cam)
         began = self.timed("depth", began)
-        near, far = self.config.first_depth.near, self.config.first_depth.far
-        low, high = float(disparity.min()), float(disparity.max())
-        d = (disparity - low) / (high - low) if high > low else torch.zeros_like(disparity)
-        depth = 1.0 / (1.0 / far + d * (1.0 / near - 1.0 / far))
+        depth = self.config.first_depth.depth(disparity)
         rgb = torch.from_numpy(image)
         views = [View(cam, rgb, depth, torch.ones_like(depth, dtype=torch.bool), "generated",
                       {"inpainted": 0.0})]
@@ -395,8 +398,7 @@ class Text2NeRF(FieldLoop):
             # The view still teaches its colours; its holes take the first view's depth range.
             self.run.log(f"view {index}: depth not aligned ({failed}); its holes take the first view's depth range")
             stats["align_failed"] = 1.0
-            near, far = self.config.first_depth.near, self.config.first_depth.far
-            new_depth = 1.0 / (1.0 / far + disparity * (1.0 / near - 1.0 / far))
+            new_depth = self.config.first_depth.depth(disparity)
         else:
             stats.update(align_error=round(aligned.error, 5), align_global_error=round(aligned.global_error, 5),
                          align_inliers=round(aligned.inliers, 4), align_scale=aligned.scale, align_shift=aligned.shift)

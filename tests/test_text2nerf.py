@@ -5,7 +5,6 @@ downloaded layouts through the real loading code, and the bad inputs refused in 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 from pathlib import Path
