@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from gen3d import ConfigError, Gen3DError, load_recipe, run_recipe, scene
 from gen3d.testing import build_loop
 from gen3d.trainer import Interrupted
+from test_image_models import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text2nerf-teacher.yaml"
@@ -193,12 +194,6 @@ def test_a_later_view_past_the_box_grows_it_and_the_new_space_starts_empty(tmp_p
 
 
 # --- bad input: one line, before any work ------------------------------------------------------
-
-
-def one_line(excinfo) -> str:
-    text = str(excinfo.value)
-    assert "\n" not in text, text
-    return text
 
 
 def test_an_empty_prompt_is_refused_before_any_work(tmp_path):
