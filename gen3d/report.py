@@ -34,7 +34,8 @@ PREVIEWS = (("turntable.gif", "the result turning"),
             ("test_views.png", "held-out views, predicted (top) against real (bottom)"),
             ("reference.png", "the reference image as given (left) beside the result from its camera (right)"),
             ("cutout.png", "the cut-out the run was given"),
-            ("overview.png", "what preprocessing found in the photo"), ("rgba.png", "the cut-out it made"))
+            ("overview.png", "what preprocessing found in the photo"), ("rgba.png", "the cut-out it made"),
+            ("views.png", "a scene's views as they were made (top), the inpainted pixels tinted (bottom)"))
 STATE_ORDER = {"failed": 0, "running": 1, "queued": 2, "done": 3}
 LABELS = {"seconds": "wall seconds"}  # batch.json's own figure for a run: its whole time, not only training
 
@@ -64,7 +65,8 @@ def _summary(metrics: dict) -> str:
 
 def _files(run_dir: Path) -> str:
     # Plain links: a link is no request until it is followed.
-    names = [p.name for p in sorted(run_dir.iterdir()) if p.suffix in (".glb", ".obj", ".ply", ".gif", ".png", ".json")
+    names = [p.name for p in sorted(run_dir.iterdir()) if p.suffix in (".glb", ".obj", ".ply", ".gif", ".png", ".json",
+                                                                          ".mp4")
              and p.is_file() and not p.name.startswith(".")]
     return "<p class=files>" + " ".join(f'<a href="{quote(n)}">{html.escape(n)}</a>' for n in names) + "</p>"
 
@@ -191,7 +193,8 @@ def _figure(path: Path, caption: str) -> str:
     with Image.open(path) as image:
         width, height = image.size
     scale = max(1, min(3, 300 // height))  # small previews shown 2-3x, pixel for pixel
-    return (f'<figure><img class=pixelated width={width * scale} src="{_data_uri(path)}" alt="{path.name}">'
+    sharp = " class=pixelated" if scale > 1 else ""  # a wide one (a scene's views) is shrunk smoothly
+    return (f'<figure><img{sharp} width={width * scale} src="{_data_uri(path)}" alt="{path.name}">'
             f"<figcaption>{path.name}: {html.escape(caption)}</figcaption></figure>")
 
 
@@ -372,7 +375,7 @@ def _thumbnail(folder: Path) -> str | None:
     """The turntable's first frame (or the reference sheet, or the held-out views), small, as a data URI."""
     from PIL import Image
 
-    for name in ("turntable.gif", "reference.png", "test_views.png", "cutout.png"):
+    for name in ("turntable.gif", "reference.png", "test_views.png", "cutout.png", "views/000.png"):
         if (folder / name).is_file():
             with Image.open(folder / name) as image:
                 image.seek(0)

@@ -101,6 +101,8 @@ def test_the_outputs_are_what_a_user_opens(teacher_run):
     assert scene.seen_chamfer(mesh, truth, depths, cameras, room.size, samples=20_000)["chamfer"] < 0.02
     for name in ("mesh.glb", "mesh.obj", "metrics.json", "report.html", "views/views.json"):
         assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert 'alt="views.png"' in page and 'href="flythrough.mp4"' in page  # the results page shows the views
 
 
 @pytest.mark.slow
