@@ -141,13 +141,20 @@ def packed_weights(optical_depth: torch.Tensor, ray: torch.Tensor, n_rays: int) 
 
 
 def packed_steps(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor, step: float,
-                 offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: torch.Tensor, within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances t = near + (k + offset) * step inside the box along each ray, packed: only as
-    many per ray as its chord needs (not the longest ray's), sorted by ray; and each one's ray."""
+    many per ray as its chord needs (not the longest ray's), sorted by ray; and each one's ray.
+    ``within`` (a [6] box inside ``aabb``, e.g. around the occupied cells): only the steps that
+    fall in it, at the very same distances (k counts from the entry into ``aabb`` still)."""
     near, far = ray_aabb(origins, dirs, aabb)
-    count = torch.where(far > near, torch.ceil((far - near) / step), 0).long()
+    first = torch.zeros_like(near)
+    if within is not None:
+        inner_near, inner_far = ray_aabb(origins, dirs, within)
+        first = torch.ceil((inner_near - near) / step - offset).clamp_min(0)
+        far = torch.where(inner_far > inner_near, torch.minimum(far, inner_far), near)
+    count = torch.where(far > near, (torch.ceil((far - near) / step) - first).clamp_min(0), 0).long()
     ray = torch.repeat_interleave(torch.arange(len(origins), device=origins.device), count)
-    k = torch.arange(len(ray), device=origins.device) - (torch.cumsum(count, 0) - count)[ray]
+    k = torch.arange(len(ray), device=origins.device) - (torch.cumsum(count, 0) - count)[ray] + first.long()[ray]
     t = near[ray] + (k + offset[ray]) * step
     inside = t < far[ray]
     return t[inside], ray[inside]
@@ -170,6 +177,23 @@ class OccupancyGrid:
         self.aabb = aabb
         self.resolution = resolution
         self.occupied = torch.ones((resolution,) * 3, dtype=torch.bool, device=aabb.device)
+
+    @property
+    def occupied(self) -> torch.Tensor:
+        return self._occupied
+
+    @occupied.setter
+    def occupied(self, value: torch.Tensor) -> None:
+        # The box around the occupied cells: rays march only through it (the same samples, none of
+        # the empty margin's to generate and then drop).
+        self._occupied = value
+        cells = value.nonzero()
+        if len(cells) == 0:
+            self.bounds = self.aabb.clone()  # nothing occupied: empty either way
+            return
+        cell = (self.aabb[3:] - self.aabb[:3]) / self.resolution
+        self.bounds = torch.cat([self.aabb[:3] + cells.min(0).values * cell,
+                                 self.aabb[:3] + (cells.max(0).values + 1) * cell])
 
     def cell_index(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat cell index of each point, and whether the point is inside the box."""
@@ -343,7 +367,7 @@ class VolumeRenderer:
         n_rays = origins.shape[0]
         # Stratified: one random offset per ray, so a ray's samples stay evenly spaced.
         shift = torch.rand(n_rays, device=origins.device) if stratified else origins.new_full((n_rays,), offset)
-        t_mid, ray = packed_steps(origins, dirs, self.aabb, self.step_size, shift)
+        t_mid, ray = packed_steps(origins, dirs, self.aabb, self.step_size, shift, self.occupancy.bounds)
         points = origins[ray] + t_mid[:, None] * dirs[ray]
         keep = self.occupancy.query(points)
         return points[keep], t_mid[keep], ray[keep]
