@@ -4,13 +4,14 @@ depth-image-based warping and hole masks, depth alignment, and the analytic scen
 
 from .align import AlignConfig, Alignment, align_depth
 from .analytic import AnalyticScene
-from .fusion import FusedVolume, FusionConfig, fuse_depths
 from . import scoring
+from .fusion import FusedVolume, FusionConfig, fuse_depths
+from .pinhole import PinholeConfig, depth_at, pinhole, project, ray_to_z, unproject, z_to_ray
 from .scoring import held_out_poses, seen_chamfer
-from .pinhole import PinholeConfig, pinhole, project, ray_to_z, unproject, z_to_ray
 from .trajectory import TrajectoryConfig, check_pose, circle_poses, forward_poses, load_poses, trajectory
 from .warp import SplatConfig, Warped, coverage, fragments, holes, warp, zbuffer
 
-__all__ = ["AlignConfig", "Alignment", "align_depth", "AnalyticScene", "scoring", "held_out_poses", "seen_chamfer", "FusedVolume", "FusionConfig", "fuse_depths", "PinholeConfig", "pinhole", "project",
-           "ray_to_z", "unproject", "z_to_ray", "TrajectoryConfig", "check_pose", "circle_poses", "forward_poses",
-           "load_poses", "trajectory", "SplatConfig", "Warped", "coverage", "fragments", "holes", "warp", "zbuffer"]
+__all__ = ["AlignConfig", "Alignment", "align_depth", "AnalyticScene", "FusedVolume", "FusionConfig", "fuse_depths",
+           "PinholeConfig", "depth_at", "pinhole", "project", "ray_to_z", "unproject", "z_to_ray",
+           "TrajectoryConfig", "check_pose", "circle_poses", "forward_poses", "load_poses", "trajectory", "SplatConfig", "Warped", "coverage", "fragments", "holes", "warp", "zbuffer",
+           "scoring", "held_out_poses", "seen_chamfer"]

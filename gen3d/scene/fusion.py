@@ -28,7 +28,7 @@ from skimage import measure
 
 from gen3d.cameras import Cameras
 
-from .pinhole import project, single
+from .pinhole import depth_at
 
 
 @dataclass
@@ -85,18 +85,12 @@ def fuse_depths(depths: list[torch.Tensor], cameras: list[Cameras], aabb: torch.
     total = torch.zeros(counts, dtype=torch.float32)
     weight = torch.zeros(counts, dtype=torch.float32)
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 2)
-    for depth, camera in zip(depths, cameras):
-        cam = single(camera).to("cpu")
-        depth = depth.float().cpu()
-        height, width = depth.shape
-        for i, x in enumerate(axes[0]):  # one slab at a time keeps memory flat at any size
-            points = torch.cat([x.expand(len(yz), 1), yz], 1).float()
-            u, v, z = project(points, cam)
-            col, row = torch.floor(u).long(), torch.floor(v).long()
-            seen = (z > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
-            surface = torch.full_like(z, math.inf)
-            surface[seen] = depth[row[seen], col[seen]]
-            seen &= torch.isfinite(surface) & (surface > 0)
+    views = [(depth.float().cpu(), camera.to("cpu")) for depth, camera in zip(depths, cameras)]
+    for i, x in enumerate(axes[0]):  # one slab at a time keeps memory flat at any size
+        points = torch.cat([x.expand(len(yz), 1), yz], 1).float()
+        for depth, camera in views:
+            z, surface = depth_at(points, depth, camera)
+            seen = torch.isfinite(surface) & (surface > 0)
             sdf = surface - z
             seen &= sdf > -truncation
             value = (sdf / truncation).clamp(-1, 1)

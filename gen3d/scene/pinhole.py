@@ -83,6 +83,18 @@ def project(points: torch.Tensor, camera: Cameras) -> tuple[torch.Tensor, torch.
     return u, v, z
 
 
+def depth_at(points: torch.Tensor, depth: torch.Tensor, camera: Cameras) -> tuple[torch.Tensor, torch.Tensor]:
+    """World points [N, 3] -> (their z-depth in ``camera``, the z-depth map [H, W] at the pixel each
+    falls in; inf where it falls outside the image or behind the camera)."""
+    cam = single(camera)
+    u, v, z = project(points, cam)
+    col, row = torch.floor(u).long(), torch.floor(v).long()
+    inside = (z > 0) & (col >= 0) & (col < cam.width) & (row >= 0) & (row < cam.height)
+    surface = torch.full_like(z, math.inf)
+    surface[inside] = depth[row[inside], col[inside]].to(z.dtype)
+    return z, surface
+
+
 def ray_to_z(ray_depth: torch.Tensor, camera: Cameras) -> torch.Tensor:
     """Distance along each pixel-centre unit ray [H, W] -> z-depth."""
     return ray_depth / pixel_directions(camera).norm(dim=-1)

@@ -11,7 +11,7 @@ from scipy.spatial import cKDTree
 
 from gen3d.cameras import Cameras
 
-from .pinhole import project, single
+from .pinhole import depth_at
 from .trajectory import forward_poses
 
 
@@ -28,13 +28,8 @@ def seen_points(points: np.ndarray, depths: list[torch.Tensor], cameras: list[Ca
     seen = np.zeros(len(points), dtype=bool)
     p = torch.from_numpy(points).float()
     for depth, camera in zip(depths, cameras):
-        cam = single(camera)
-        u, v, z = project(p, cam)
-        col, row = torch.floor(u).long(), torch.floor(v).long()
-        inside = (z > 0) & (col >= 0) & (col < cam.width) & (row >= 0) & (row < cam.height)
-        surface = torch.full_like(z, float("inf"))
-        surface[inside] = depth[row[inside], col[inside]].float()
-        seen |= (inside & ((z - surface).abs() <= tolerance * surface)).numpy()
+        z, surface = depth_at(p, depth, camera)
+        seen |= (torch.isfinite(surface) & ((z - surface).abs() <= tolerance * surface)).numpy()
     return seen
 
 
