@@ -38,8 +38,11 @@ class Choice:
         return call_plugin(self.component, "building it", self.component.factory, self.config, **context)
 
 
-def choice(kind: str, default: str) -> Any:
-    """A dataclass field holding a :class:`Choice` of ``kind``, defaulting to component ``default``."""
+def choice(kind: str, default: str | None) -> Any:
+    """A dataclass field holding a :class:`Choice` of ``kind``, defaulting to component ``default``
+    (None: no component). A field typed ``Choice | None`` may be set to ``null`` in a recipe."""
+    if default is None:
+        return field(default=None, metadata={"kind": kind})
     return field(default_factory=lambda: {"type": default}, metadata={"kind": kind})
 
 
@@ -89,7 +92,9 @@ def from_dict(cls: type, data: Any, ctx: Context, key: str = "") -> Any:
             raw = f.default_factory()
         else:
             raise fail(ctx, sub, "missing required setting")
-        if "kind" in f.metadata:
+        if "kind" in f.metadata and raw is None and type(None) in typing.get_args(hints[name]):
+            values[name] = None  # an optional choice (typed `Choice | None`) left out or set to null
+        elif "kind" in f.metadata:
             if isinstance(raw, dict) and "type" not in raw and f.default_factory is not dataclasses.MISSING:
                 raw = {**f.default_factory(), **raw}  # settings without a type: the default component's
             values[name] = _choice(f.metadata["kind"], raw, ctx, sub)

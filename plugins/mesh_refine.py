@@ -10,11 +10,21 @@ fraction of a cell. Colour lives in a voxel grid over the box, started from the 
 colour (``albedo(x)``, else its colour seen along the inward normal).
 
 Each step: marching tetrahedra -> mesh; the mesh is rasterised (gen3d.raster: nvdiffrast on CUDA
-when installed, our torch rasteriser elsewhere) into a few training views; the colour grid is read
-at each pixel's surface point; silhouette edges are antialiased so the loss reaches the outline's
-vertices. Loss: RGB on a random background + mask, a Laplacian on the mesh, and nvdiffrec's SDF
-sign regulariser on the crossed edges. At the end the core scores the rasterised mesh on the
-held-out views and exports it (decimated, coloured and baked by ``gen3d.export.finish_mesh``).
+when installed, our torch rasteriser elsewhere); the colour grid is read at each pixel's surface
+point; silhouette edges are antialiased so the loss reaches the outline's vertices. The stage's
+objective is one of, or both:
+
+- posed images (``data``, reconstruction): a few training views a step, RGB on a random
+  background + mask;
+- a guidance (``guidance``, text- and image-to-3D as in Magic3D's second stage): random views
+  around the object, shaded as text-to-3d shades them (albedo, Lambertian under a light near the
+  camera, or textureless: white albedo, so only geometry can satisfy the guidance), scored by the
+  guidance with view-dependent prompts. ``reference`` adds image-to-3D's reference view: the
+  guidance is conditioned on it and its colour and mask are fitted at its camera.
+
+Regularisers: a Laplacian on the mesh and nvdiffrec's SDF sign regulariser on the crossed edges.
+At the end the core scores the rasterised mesh on the held-out views (when there are images) and
+exports it (decimated, coloured and baked by ``gen3d.export.finish_mesh``).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,11 +44,14 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch import nn
 
-from gen3d import (Choice, Component, ConfigError, Gen3DError, HeldOutViews, Orbit, RenderSettings, StageOutputs,
-                   SurfaceField, TetMesh, VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors,
-                   fill_interior, finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice,
-                   laplacian_loss, level_from_silhouettes, load_trained_field, marching_tets, project, quick_psnr,
-                   raster_backend, rasterize, sdf_sign_loss, surface_of, tet_edges, tet_grid)
+from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, HeldOutViews, Orbit, ReferenceView,
+                   RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles, ViewPrompts, VolumeRenderer,
+                   antialias, chamfer, choice, clip_matrices, edge_neighbors, fill_interior, finish_mesh, fov_of,
+                   hookimpl, interpolate, keep_large_components, lattice, laplacian_loss, level_from_silhouettes,
+                   load_trained_field, marching_tets, project, quick_psnr, random_views, raster_backend, rasterize,
+                   sdf_sign_loss, surface_of, tet_edges, tet_grid, view_prompts)
+from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
+from gen3d_plugins.text_to_3d import CameraSampling, Shading
 
 @dataclass
 class TetSettings:
@@ -60,6 +74,9 @@ class TetSettings:
 @dataclass
 class RefineTrain:
     views_per_step: int = 4  # whole training images rendered a step
+    # The posed images' loss weight. 0: the data only scores the stage (held-out PSNR, Chamfer
+    # against its mesh) while a guidance shapes it: a teacher check of guided refinement.
+    image_weight: float = 1.0
     sdf_lr: float = 0.05  # Adam step of the SDF values, in cells
     deform_lr: float = 0.02  # Adam step of the offsets' tanh arguments
     color_lr: float = 0.02
@@ -77,7 +94,7 @@ class RefineTrain:
     def __post_init__(self) -> None:
         if self.views_per_step < 1:
             raise ValueError(f"views_per_step must be at least 1, got {self.views_per_step}")
-        for name in ("sdf_lr", "deform_lr", "color_lr", "mask_weight", "laplacian_weight", "sdf_weight"):
+        for name in ("image_weight", "sdf_lr", "deform_lr", "color_lr", "mask_weight", "laplacian_weight", "sdf_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if len(self.background) != 3:
@@ -85,8 +102,50 @@ class RefineTrain:
 
 
 @dataclass
+class GuidedBackground:
+    # random: one random colour a view (the guidance cannot ask for a painted backdrop, and the
+    # outline must come from coverage); solid: always `color`, which the previews use either way.
+    kind: Literal["random", "solid"] = "random"
+    color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    def __post_init__(self) -> None:
+        if len(self.color) != 3 or not all(0 <= c <= 1 for c in self.color):
+            raise ValueError(f"color must be 3 numbers in 0..1 (RGB), got {self.color}")
+
+
+@dataclass
+class GuidedSettings:
+    """How the guided objective draws its views. ``cameras.distance`` is in units of half the
+    earlier field's box, as text-to-3d's: copy the earlier stage's section."""
+
+    view_prompts: ViewPrompts = field(default_factory=ViewPrompts)
+    cameras: CameraSampling = field(default_factory=lambda: CameraSampling(sizes=[128]))
+    shading: Shading = field(default_factory=lambda: Shading(albedo_only_steps=0))
+    background: GuidedBackground = field(default_factory=GuidedBackground)
+    # image-to-3D's reference view (reference.image or reference.from_stage): the guidance is
+    # conditioned on it, and its colour and mask are fitted at its camera each step.
+    reference: ReferenceSettings | None = None
+    # The reference view's colour and mask losses (mean squared errors) against the guidance's
+    # (times its own weight): image-to-3d's losses.rgb and losses.mask.
+    reference_rgb: float = 1.0
+    reference_mask: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.reference_rgb < 0 or self.reference_mask < 0:
+            raise ValueError("reference_rgb and reference_mask must be 0 or more")
+
+
+@dataclass
 class MeshRefineConfig:
-    data: Choice = choice("dataset", "nerf-synthetic")
+    # Posed images to fit (reconstruction); null when a guidance is the objective.
+    data: Choice | None = choice("dataset", "nerf-synthetic")
+    # A guidance (stable-diffusion, zero123, clip, field-teacher, ...) scoring random views: the
+    # objective of text- and image-to-3D. With data as well, both losses are added.
+    guidance: Choice | None = choice("guidance", None)
+    guided: GuidedSettings = field(default_factory=GuidedSettings)
+    # What a text guidance is asked for (view suffixes added as guided.view_prompts says). A
+    # recipe's top-level prompt reaches this stage and the text-to-3d stage before it alike.
+    prompt: str = ""
     tets: TetSettings = field(default_factory=TetSettings)
     color_resolution: int = 128  # colour grid vertices along each side of the box
     # Gaussian blur (its sigma, in cells) of the start SDF: a reconstructed density's surface
@@ -225,13 +284,29 @@ class MeshRefine:
         if not run.stage.init_from and config.source is None:
             raise ConfigError(f"{run.recipe.source}: loop 'mesh-refine' refines an earlier stage's surface: "
                               "set init_from to that stage's name (or source to a finished run)")
-        device = run.device
-        self.data = config.data.build()
-        self.train_views = self.data.train.cameras.to(device)
-        self.images = self.data.train.images.to(device)
+        if config.guidance is None and (config.data is None or config.train.image_weight == 0):
+            raise ConfigError(f"{run.recipe.source}: loop 'mesh-refine' needs an objective: data (posed images) "
+                              "with train.image_weight above 0, or guidance (text- or image-to-3D), or both")
+        if config.guidance is not None and config.guided.reference is None and not config.prompt.strip():
+            raise ConfigError(f"{run.recipe.source}: prompt is missing: add prompt=\"a hamburger\" on the command "
+                              "line or a prompt: key to the recipe (a guided mesh-refine asks its guidance for it)")
+        if config.guided.reference is not None and config.guidance is None:
+            raise ConfigError(f"{run.recipe.source}: guided.reference is image-to-3D's reference view: it needs "
+                              "a guidance (zero123, ...)")
+        device = self.device = run.device
+        self.data = config.data.build() if config.data is not None else None
+        self.fit_images = self.data is not None and config.train.image_weight > 0
+        if self.data is not None:
+            self.train_views = self.data.train.cameras.to(device)
+            self.images = self.data.train.images.to(device)
+            self.random_background = config.train.random_background and self.data.has_alpha
         self.background = torch.tensor(config.train.background, device=device)
-        self.random_background = config.train.random_background and self.data.has_alpha
         self.generator = torch.Generator(device=device).manual_seed(run.seed)
+        # The guided views' draws (cameras, shading, the guidance's timesteps and noise) come from a
+        # CPU generator, as text-to-3d's: reproducible on any device, and checkpointed.
+        self.guide_generator = torch.Generator().manual_seed(run.seed + 1)
+        self.guidance = config.guidance.build(device=device) if config.guidance is not None else None
+        self.reference = self.load_reference(run) if config.guided.reference is not None else None
         if run.stage.init_from:
             source, self.source_metrics, self.source_name = (run.field_of(run.stage.init_from), run.earlier_stage_path(
                 run.stage.init_from, "metrics.json"), f"stage {run.stage.init_from!r}")
@@ -240,6 +315,8 @@ class MeshRefine:
             source, self.source_metrics = trained.field, trained.checkpoint.parent.parent / "metrics.json"
             self.source_name = str(config.source)
         self.model, self.start_metrics = self.build_model(source)
+        box = self.model.aabb
+        self.center, self.half_size = (box[:3] + box[3:]) / 2, float((box[3:] - box[:3]).max()) / 2
         self.new_optimizer()
         self._eval_mesh: TetMesh | None = None
         run.log(f"mesh-refine: {len(self.model.tets)} tetrahedra around the surface of {self.source_name}; "
@@ -255,6 +332,9 @@ class MeshRefine:
         saved = self.source_metrics
         if saved.is_file() and "export_level" in json.loads(saved.read_text()):
             return float(json.loads(saved.read_text())["export_level"])
+        if self.data is None:
+            raise ConfigError(f"{self.run.recipe.source}: mesh-refine: {self.source_name} saved no export level and "
+                              "there are no images to choose one by: set level")
         return self.level_from_data(source)
 
     @torch.no_grad()
@@ -301,10 +381,10 @@ class MeshRefine:
         colors = ColorGrid(box, self.config.color_resolution)
         colors.table.copy_(source_colors(source, surface, colors.points()))
         model = RefinedSurface(grid.positions, grid.tets, sdf, frozen, cell, tets.max_deform, colors)
-        if self.config.color_fit_steps > 0:
+        if self.config.color_fit_steps > 0 and self.fit_images:
             colors.fit(*self.seen_colors(model.extract()), self.config.color_fit_steps)
         metrics = {"start_faces": len(start_mesh.faces)}
-        if self.data.ground_truth_mesh is not None:
+        if self.data is not None and self.data.ground_truth_mesh is not None:
             metrics["chamfer_start"] = round(chamfer(start_mesh, self.data.ground_truth_mesh), 5)
         return model, metrics
 
@@ -336,37 +416,125 @@ class MeshRefine:
         # On a CPU with several threads, the accumulating index_put/index_add in the rasteriser's
         # and colour grid's backward sum in whatever order the threads finish: a resumed run would
         # then drift from a straight one. torch's deterministic variants sort first instead.
-        with deterministic_on_cpu(self.images.device):
+        with deterministic_on_cpu(self.device):
             return self._step(step)
 
     def _step(self, step: int) -> dict[str, float]:
         t = self.config.train
         self._eval_mesh = None
-        pick = torch.randint(len(self.train_views), (t.views_per_step,), generator=self.generator,
-                             device=self.images.device)
-        cameras = self.train_views[pick]
-        if self.random_background:
-            background = torch.rand(len(pick), 3, generator=self.generator, device=self.images.device)
-        else:
-            background = self.background.expand(len(pick), 3)
         mesh = self.model.extract()
-        image = self.draw(mesh, cameras, background)
-        target = self.images[pick]
-        alpha = target[..., 3:]
-        rgb = target[..., :3] * alpha + background[:, None, None] * (1 - alpha)
-        mse = ((image[..., :3] - rgb) ** 2).mean()
-        mask = ((image[..., 3:] - alpha) ** 2).mean()
         smooth = laplacian_loss(mesh.verts, mesh.faces) / self.model.cell ** 2
         sign = sdf_sign_loss(self.model.signed(), mesh.edges, self.model.cell)
-        loss = mse + t.mask_weight * mask + t.laplacian_weight * smooth + t.sdf_weight * sign
+        loss = t.laplacian_weight * smooth + t.sdf_weight * sign
+        metrics = {"faces": float(len(mesh.faces))}
+        if self.fit_images:
+            image_loss, image_metrics = self.image_loss(mesh)
+            loss, metrics = loss + t.image_weight * image_loss, {**metrics, **image_metrics}
+        if self.guidance is not None:
+            guided_loss, guided_metrics = self.guided_loss(mesh, step)
+            loss, metrics = loss + guided_loss, {**metrics, **guided_metrics}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-10)), "mask": mask.item(),
-                "faces": float(len(mesh.faces))}
+        return {"loss": loss.item(), **metrics}
 
-    def draw(self, mesh: TetMesh, cameras, background: torch.Tensor) -> torch.Tensor:
-        """[B, H, W, 4]: the mesh's colour over ``background`` [B, 3] and its coverage, antialiased."""
+    def image_loss(self, mesh: TetMesh) -> tuple[torch.Tensor, dict[str, float]]:
+        """A few training views: RGB on a random background, and the coverage against the alpha."""
+        t = self.config.train
+        pick = torch.randint(len(self.train_views), (t.views_per_step,), generator=self.generator,
+                             device=self.device)
+        cameras = self.train_views[pick]
+        if self.random_background:
+            background = torch.rand(len(pick), 3, generator=self.generator, device=self.device)
+        else:
+            background = self.background.expand(len(pick), 3)
+        image = self.draw(mesh, cameras, background)
+        target = self.images[pick]
+        mse, mask = self.fit_losses(image, target, background)
+        return mse + t.mask_weight * mask, {"psnr": -10 * math.log10(max(mse.item(), 1e-10)), "mask": mask.item()}
+
+    @staticmethod
+    def fit_losses(image: torch.Tensor, target: torch.Tensor, background: torch.Tensor):
+        """Colour MSE of ``image`` [B,H,W,4] against straight-alpha ``target`` composited on
+        ``background`` [B,3], and the coverage's MSE against the alpha."""
+        alpha = target[..., 3:]
+        rgb = target[..., :3] * alpha + background[:, None, None] * (1 - alpha)
+        return ((image[..., :3] - rgb) ** 2).mean(), ((image[..., 3:] - alpha) ** 2).mean()
+
+    def guided_loss(self, mesh: TetMesh, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Random views around the object, shaded, scored by the guidance (plus the reference
+        view's fit, for image-to-3D)."""
+        g = self.config.guided
+        views = self.guided_views(step)
+        cameras = views.cameras.to(self.device)
+        n = len(cameras)
+        if g.background.kind == "random":
+            background = torch.rand(n, 3, generator=self.guide_generator)
+        else:
+            background = torch.tensor(g.background.color).expand(n, 3)
+        mode = self.shading_mode(step)
+        light = light_near(cameras.c2w[:, :3, 3].cpu() - self.center.cpu(), g.shading.light_jitter,
+                           self.guide_generator).to(self.device)
+        image = self.draw(mesh, cameras, background.to(self.device), shading=(mode, light, g.shading.ambient))
+        images = image[..., :3].permute(0, 3, 1, 2)
+        prompts = view_prompts(self.config.prompt, views.azimuth, views.elevation, g.view_prompts)
+        angles = ViewAngles(views.elevation, views.azimuth, views.distance)
+        reference = self.reference[0] if self.reference is not None else None
+        out = self.guidance(GuidanceInput(images, prompts, views.cameras, angles, step, self.run.steps,
+                                          reference=reference, generator=self.guide_generator,
+                                          background=background))
+        loss = out.loss
+        metrics = {"guided_loss": out.loss.item(), **out.metrics}
+        if self.reference is not None:
+            view, target = self.reference
+            ref_background = torch.tensor(g.background.color, device=self.device)[None]
+            ref_image = self.draw(mesh, view.camera.to(self.device), ref_background)
+            rgb, mask = self.fit_losses(ref_image, target[None], ref_background)
+            loss = loss + g.reference_rgb * rgb + g.reference_mask * mask
+            metrics.update(ref_rgb=rgb.item(), ref_mask=mask.item())
+        return loss, metrics
+
+    def guided_views(self, step: int):
+        c, g = self.config.guided.cameras, self.config.guided
+        size = c.size_at_step(step)
+        if g.reference is not None:  # as image-to-3d: the reference's distance and field of view
+            r = g.reference
+            return random_views(c.batch, size, tuple(c.elevation), tuple(c.azimuth), (r.distance, r.distance),
+                                (r.fov, r.fov), self.guide_generator)
+        half = self.half_size
+        return random_views(c.batch, size, tuple(c.elevation), tuple(c.azimuth),
+                            (c.distance[0] * half, c.distance[1] * half), tuple(c.fov), self.guide_generator,
+                            center=tuple(self.center.tolist()))
+
+    def shading_mode(self, step: int) -> str:
+        s = self.config.guided.shading
+        if step < s.albedo_only_steps:
+            return "albedo"
+        u = float(torch.rand(1, generator=self.guide_generator))
+        if u < s.albedo:
+            return "albedo"
+        return "textureless" if u < s.albedo + s.textureless else "lambertian"
+
+    def load_reference(self, run) -> tuple[ReferenceView, torch.Tensor]:
+        """image-to-3D's reference view and its cut-out at the reference size [H, W, 4]."""
+        ref = self.config.guided.reference
+        if ref.image is not None:
+            path = ref.image
+        elif ref.from_stage is not None:
+            path = run.earlier_stage_path(ref.from_stage, "rgba.png")
+        else:
+            raise ConfigError(f"{run.recipe.source}: guided.reference needs image (a cut-out) or from_stage "
+                              "(a preprocess stage)")
+        cutout = read_cutout(path)
+        camera = camera_at(ref.elevation, ref.azimuth, ref.distance, ref.fov, ref.size)
+        target = resize_cutout(cutout, ref.size).permute(1, 2, 0).to(self.device)
+        return ReferenceView(cutout, camera, ViewAngles.of(camera)), target
+
+    def draw(self, mesh: TetMesh, cameras, background: torch.Tensor,
+             shading: tuple[str, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """[B, H, W, 4]: the mesh's colour over ``background`` [B, 3] and its coverage, antialiased.
+        ``shading``: (mode, a unit light direction a view [B, 3], ambient share), text-to-3d's
+        modes: albedo, lambertian (albedo times the light), textureless (white times the light)."""
         h, w = cameras.height, cameras.width
         clip = project(mesh.verts, clip_matrices(cameras))
         rast = rasterize(clip, mesh.faces, (h, w))
@@ -374,7 +542,14 @@ class MeshRefine:
         points = interpolate(mesh.verts, rast, mesh.faces)[covered]
         if not self.config.train.photometric_geometry:
             points = points.detach()
-        color = torch.zeros(*covered.shape, 3, device=clip.device).index_put((covered,), self.model.albedo(points))
+        albedo = self.model.albedo(points)
+        if shading is not None and shading[0] != "albedo":
+            mode, light, ambient = shading
+            normals = F.normalize(interpolate(vertex_normals(mesh.verts, mesh.faces), rast, mesh.faces)[covered], dim=-1)
+            view = covered.nonzero()[:, 0]
+            shade = ambient + (1 - ambient) * (normals * light[view]).sum(-1).clamp_min(0)
+            albedo = (albedo if mode == "lambertian" else torch.ones_like(albedo)) * shade[:, None]
+        color = torch.zeros(*covered.shape, 3, device=clip.device).index_put((covered,), albedo)
         image = torch.where(covered[..., None], color, background[:, None, None].expand_as(color))
         image = torch.cat([image, covered[..., None].float()], dim=-1)
         return antialias(image, rast, clip, mesh.faces, edge_neighbors(mesh.faces))
@@ -383,13 +558,15 @@ class MeshRefine:
 
     def state_dict(self) -> dict:
         return {"field": self.model.plain_state(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "guide_generator": self.guide_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_plain_state(state["field"])
         self.new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "guide_generator" in state:  # checkpoints from before guided refinement have none
+            self.guide_generator.set_state(state["guide_generator"])
         self._eval_mesh = None
 
     # --- evaluation and outputs --------------------------------------------------------
@@ -415,18 +592,49 @@ class MeshRefine:
 
     def outputs(self, train) -> StageOutputs:
         self._eval_mesh = None
-        views = self.data.train.cameras
-        radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
-        center = tuple(((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist())
-        test = self.data.test
         metrics = dict(self.start_metrics)
         if train is not None:
             metrics["refined_faces"] = int(train.last_metrics.get("faces", 0))
-        return StageOutputs(
-            field=self.model, renderer=RasterRenderer(self.images.device), render_view=self.render_view,
-            orbit=Orbit(radius, fov_of(views), max(views.width, 64), self.config.turntable_elevation, center),
-            held_out=HeldOutViews(test.cameras, test.images, self.config.train.background) if len(test.names) else None,
-            ground_truth_mesh=self.data.ground_truth_mesh, metrics=metrics, mesh=self.finished_mesh)
+        if self.guidance is not None and self.config.prompt:
+            metrics["prompt"] = self.config.prompt
+        held_out, truth = None, None
+        if self.data is not None:
+            test = self.data.test
+            held_out = HeldOutViews(test.cameras, test.images, self.config.train.background) if len(test.names) else None
+            truth = self.data.ground_truth_mesh
+        return StageOutputs(field=self.model, renderer=RasterRenderer(self.device), render_view=self.render_view,
+                            orbit=self.orbit(), held_out=held_out, ground_truth_mesh=truth, metrics=metrics,
+                            mesh=self.finished_mesh)
+
+    def orbit(self) -> Orbit:
+        """Turntable cameras: around the training views' distance, else the guided views'."""
+        if self.data is not None:
+            views = self.data.train.cameras
+            radius = float(views.c2w[:, :3, 3].norm(dim=-1).mean())
+            center = tuple(((self.data.aabb[:3] + self.data.aabb[3:]) / 2).tolist())
+            return Orbit(radius, fov_of(views), max(views.width, 64), self.config.turntable_elevation, center)
+        c, ref = self.config.guided.cameras, self.config.guided.reference
+        if ref is not None:
+            radius, fov = ref.distance, ref.fov
+        else:
+            radius, fov = self.half_size * sum(c.distance) / 2, sum(c.fov) / 2
+        return Orbit(radius, math.radians(fov), max(c.sizes[-1], 64), self.config.turntable_elevation,
+                     tuple(self.center.tolist()))
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """[V, 3] area-weighted vertex normals (unnormalised), differentiable in ``verts``; outward for
+    marching_tets' winding."""
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    face = torch.cross(b - a, c - a, dim=-1)
+    return torch.zeros_like(verts).index_add(0, faces.reshape(-1), face.repeat_interleave(3, dim=0))
+
+
+def light_near(offsets: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
+    """Unit directions towards a light near each camera (``offsets``: camera minus look-at point),
+    jittered as DreamFusion samples its light."""
+    light = F.normalize(offsets, dim=-1) + jitter * torch.randn(offsets.shape, generator=generator)
+    return F.normalize(light, dim=-1)
 
 
 # --- the start surface ---------------------------------------------------------------------
