@@ -250,3 +250,16 @@ def test_silhouette_pixels_get_more_rays_in_training_and_evaluation(small_datase
     truth, one, edged = image(8, 1), image(1, 1), image(1, 4)
     error = lambda img: float(np.mean((img - truth) ** 2))
     assert error(edged) < 0.2 * error(one), (error(edged), error(one))
+
+
+def test_chamfer_measures_surface_distance_without_a_sampling_floor(tmp_path):
+    """A mesh scores 0 against itself (nearest-sample distances scored the toy 0.0035 against
+    itself), and two concentric spheres score their gap in bounding radii."""
+    from gen3d import chamfer
+
+    truth = trimesh.creation.icosphere(subdivisions=5, radius=1.0)
+    truth.export(tmp_path / "truth.ply")
+    assert chamfer(truth, tmp_path / "truth.ply") < 1e-6  # the PLY holds float32 vertices
+    bigger = trimesh.creation.icosphere(subdivisions=5, radius=1.05)
+    radius = 0.5 * np.linalg.norm(truth.bounds[1] - truth.bounds[0])  # sqrt(3): half the box diagonal
+    assert chamfer(bigger, tmp_path / "truth.ply") == pytest.approx(0.05 / radius, rel=0.01)
