@@ -48,12 +48,14 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
     per_stage = m.get("stages", {})
     if per_stage:  # the whole run's training, and each stage's end PSNR
         at.update({f"psnr_{name}": s.get("psnr_test") for name, s in per_stage.items()})
+        at.update({f"chamfer_{name}": s["chamfer"] for name, s in per_stage.items() if "chamfer" in s})
+        at.update({f"chamfer_start_{name}": s["chamfer_start"] for name, s in per_stage.items() if "chamfer_start" in s})
         m = {**m, "steps": sum(s["steps"] for s in per_stage.values()),
              "train_seconds": round(sum(s["train_seconds"] for s in per_stage.values()), 3)}
     return {
         "data": str(data), "steps": m["steps"], "train_seconds": m["train_seconds"],
         "steps_per_second": round(m["steps"] / m["train_seconds"], 2),
-        "samples_per_ray": m["samples_per_ray"], **at, "psnr_end": m.get("psnr_test"), "ssim_end": m.get("ssim_test"),
+        "samples_per_ray": m.get("samples_per_ray")  # none for a mesh stage, **at, "psnr_end": m.get("psnr_test"), "ssim_end": m.get("ssim_test"),
         "chamfer": m.get("chamfer"), "export_seconds": m["export_seconds"], "mesh_faces": m["mesh_faces"],
         "renderer": m["renderer"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -14,7 +14,7 @@ from .colors import encode_colors, linear_to_srgb, srgb_to_linear
 from .config import Choice, Context, choice, from_dict
 from .errors import ConfigError, DataError, Gen3DError, PluginError, TrainingDiverged, call_plugin
 from .export import (MeshSettings, fill_interior, finish_mesh, keep_large_components, level_from_silhouettes,
-                     up_axis)
+                     surface_mesh, up_axis)
 from .fields import (CAPABILITIES, DensitySurface, Field, RadianceField, RefittableField, SurfaceField,
                      TrainableField, surface_of)
 from .guidance import (Guidance, GuidanceInput, GuidanceOutput, ReferenceView, ViewAngles, Weighting, ZeroVariant,
@@ -24,7 +24,7 @@ from .hookspecs import hookimpl
 from .hub import load_pretrained, pick_dtype, resolve
 from .io import atomic_path, load_checkpoint, to_uint8, write_gif, write_json, write_text
 from .outputs import (HeldOutViews, Orbit, PreviewSettings, Silhouettes, StageOutputs, chamfer, fov_of,
-                      plain_view_renderer, psnr, quick_psnr)
+                      plain_view_renderer, psnr, quick_psnr, surface_distances)
 from .preprocessing import (PREPROCESSOR_ROLES, DepthEstimator, DepthMap, Detections, Detector, Inpainter,
                             Segmentation, Segmenter, TextToImage, preprocessor_roles)
 from .prompts import EmbeddingCache, ViewPrompts, view_prompts

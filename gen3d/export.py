@@ -138,6 +138,18 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     (Z up), cleaned up and finished by :func:`finish_mesh` with the field's colours.
     ``mesh.metadata["export_seconds"]`` holds the seconds of each phase."""
     began = time.perf_counter()
+    mesh = surface_mesh(field, settings)
+    surfaced = time.perf_counter() - began
+    mesh = finish_mesh(mesh, field_colors(field), settings)
+    mesh.metadata["export_seconds"] = {"marching_cubes": round(surfaced, 3), **mesh.metadata.get("export_seconds", {})}
+    return mesh
+
+
+def surface_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
+    """The field's surface as the export finds it, before decimation and colours: marching cubes
+    of its signed surface function (``settings.level`` for a density field) on a
+    ``settings.resolution``^3 lattice over its box, the interior filled (``fill_fraction``), pieces
+    under ``min_component`` of the largest dropped. World coordinates, Z up."""
     surface = surface_of(field, settings.level, settings.fill_fraction)
     volume = surface_volume(surface, settings.resolution)
     if not (volume.min() < 0 < volume.max()):
@@ -152,13 +164,8 @@ def extract_mesh(field, settings: MeshSettings) -> trimesh.Trimesh:
     spacing = (aabb[3:] - aabb[:3]) / (settings.resolution - 1)
     # Negative inside: marching cubes' normals then point outwards.
     verts, faces, _, _ = measure.marching_cubes(volume, 0.0, spacing=tuple(spacing))
-    verts = verts + aabb[:3]
-    mesh = trimesh.Trimesh(verts, faces, process=False)
-    mesh = keep_large_components(mesh, settings.min_component)
-    surfaced = time.perf_counter() - began
-    mesh = finish_mesh(mesh, field_colors(field), settings)
-    mesh.metadata["export_seconds"] = {"marching_cubes": round(surfaced, 3), **mesh.metadata.get("export_seconds", {})}
-    return mesh
+    mesh = trimesh.Trimesh(verts + aabb[:3], faces, process=False)
+    return keep_large_components(mesh, settings.min_component)
 
 
 def finish_mesh(mesh: trimesh.Trimesh, color_fn, settings: MeshSettings) -> trimesh.Trimesh:

@@ -45,8 +45,10 @@ def pick_device(name: str) -> torch.device:
 
 CHECKPOINT = "checkpoints/last.safetensors"
 CURVE_POINTS = 256  # a stage's curves.json keeps 256 to 511 points, whatever its budget
-FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.gif", "test_views.png", "reference.png",
-               "cutout.png")
+# A staged run's top folder gets these of its last stage's files (mesh.png: the texture the OBJ's
+# MTL names beside it).
+FINAL_FILES = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "turntable.gif", "test_views.png",
+               "reference.png", "cutout.png")
 
 
 def stage_dir(recipe: Recipe, out_dir: Path, stage: Stage) -> Path:

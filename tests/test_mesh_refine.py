@@ -127,13 +127,15 @@ def test_silhouettes_through_the_rasteriser_grow_a_small_sphere():
 
 @pytest.mark.slow
 def test_refine_after_a_tiny_reconstruction_improves_chamfer(small_dataset, tmp_path):
-    metrics = run_recipe(tiny_refine_recipe(small_dataset, tmp_path), tmp_path / "run", quiet=True)
+    # The start is drawn on a 20-point lattice, coarser than the 24-cell tetrahedra: a start the
+    # images can correct (drawn as the export draws it, it is as good as a 24-cell grid can hold).
+    metrics = run_recipe(tiny_refine_recipe(small_dataset, tmp_path, start_resolution=20), tmp_path / "run",
+                         quiet=True)
     refine = metrics["stages"]["refine"]
     assert refine["renderer"].startswith("raster-")
     assert refine["mesh_faces"] > 1000 and np.isfinite(refine["psnr_test"])
-    # The start surface is the reconstruction's (as its own export measures it); refining improves it.
-    assert refine["chamfer_start"] == pytest.approx(metrics["stages"]["nerf"]["chamfer"], rel=0.5)
-    assert refine["chamfer"] < refine["chamfer_start"], refine
+    assert refine["chamfer_start"] > metrics["stages"]["nerf"]["chamfer"]  # the coarse start is worse...
+    assert refine["chamfer"] < 0.95 * refine["chamfer_start"], refine  # ... and the images correct it
     curve = json.loads((tmp_path / "run" / "stages" / "refine" / "curves.json").read_text())["points"]
     assert np.mean([p["mask"] for p in curve[-5:]]) < np.mean([p["mask"] for p in curve[:5]])  # the outlines fit
     assert (tmp_path / "run" / "mesh.glb").is_file() and (tmp_path / "run" / "turntable.gif").is_file()
@@ -173,3 +175,18 @@ def test_refine_resumes_mid_stage_to_the_same_mesh(small_dataset, tmp_path, monk
             for run in ("a", "b"))
     assert torch.allclose(a["sdf"], b["sdf"], atol=1e-5) and torch.allclose(a["colors.table"], b["colors.table"], atol=1e-5)
     assert resumed["chamfer"] == pytest.approx(straight["chamfer"], abs=1e-4)
+
+
+def test_start_distances_reproduce_the_start_surface():
+    """The tetrahedra's SDF values (exact distances to the start mesh, signed by its winding
+    number) march back to that mesh: on a 32-cell grid a sphere of radius 0.6 comes back within
+    a few thousandths of its radius, without inner shells."""
+    from gen3d_plugins.mesh_refine import signed_distances
+
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.6)
+    grid = tet_grid(torch.tensor([-1.0, -1, -1, 1, 1, 1]), 32)
+    sdf = signed_distances(grid.positions, sphere)
+    assert (sdf[grid.positions.norm(dim=1) < 0.3] < 0).all() and (sdf[grid.positions.norm(dim=1) > 0.9] > 0).all()
+    mesh = marching_tets(grid.positions, sdf, grid.tets)
+    radii = mesh.verts.norm(dim=1)
+    assert abs(float(radii.mean()) - 0.6) < 0.003 and float((radii - 0.6).abs().max()) < 0.01

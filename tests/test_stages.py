@@ -33,7 +33,7 @@ def small(small_dataset, tmp_path, fine_steps=8):
         stage["representation"]["upsample_at"] = [3] if stage["name"] == "coarse" else []
         stage["render"].update(samples_per_diagonal=48, occupancy_resolution=16, edge_supersample=1, eval_offsets=1)
         stage["train"] = {"rays_per_step": 256, "tighten_box_at": None}
-        stage["export"] = {"resolution": 32, "formats": ["glb"]}
+        stage["export"] = {"resolution": 32, "formats": ["glb", "obj"], "texture_size": 64}
         stage["preview"] = {"turntable_frames": 2, "test_images": 1}
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -54,6 +54,9 @@ def test_two_stages_run_resume_mid_second_stage_to_the_same_result(small_dataset
         assert (tmp_path / "a" / "stages" / stage / "mesh.glb").is_file()
         assert (tmp_path / "a" / "stages" / stage / "metrics.json").is_file()
     assert (tmp_path / "a" / "mesh.glb").is_file() and (tmp_path / "a" / "turntable.gif").is_file()
+    texture = [line.split()[1] for line in (tmp_path / "a" / "mesh.mtl").read_text().splitlines()
+               if line.startswith("map_Kd")]
+    assert texture and (tmp_path / "a" / texture[0]).is_file(), texture  # the OBJ's texture came along
     top = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(top["stages"]) == {"coarse", "fine"} and top["steps"] == 8
     assert straight["psnr_test"] == top["psnr_test"]
