@@ -55,7 +55,7 @@ def one_run(recipe_path: Path, data: Path, overrides: list[str], keep: Path | No
     return {
         "data": str(data), "steps": m["steps"], "train_seconds": m["train_seconds"],
         "steps_per_second": round(m["steps"] / m["train_seconds"], 2),
-        "samples_per_ray": m.get("samples_per_ray")  # none for a mesh stage, **at, "psnr_end": m.get("psnr_test"), "ssim_end": m.get("ssim_test"),
+        "samples_per_ray": m.get("samples_per_ray"), **at, "psnr_end": m.get("psnr_test"), "ssim_end": m.get("ssim_test"),
         "chamfer": m.get("chamfer"), "export_seconds": m["export_seconds"], "mesh_faces": m["mesh_faces"],
         "renderer": m["renderer"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
