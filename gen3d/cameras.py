@@ -109,6 +109,19 @@ class PixelFilter:
         t = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-12)
         return x[i - 1] + t * (x[i] - x[i - 1])
 
+    def matrix(self, size: int, supersample: int, device=None) -> torch.Tensor:
+        """[size, size * supersample]: each pixel's normalised weights over the sample centres
+        of one image axis rendered ``supersample`` times finer. The filter is separable, so a
+        fine image I becomes ``W @ I @ W.T`` (samples beyond the border are not there: the
+        weights of the border pixels are renormalised over those that are)."""
+        samples = (torch.arange(size * supersample, dtype=torch.float64, device=device) + 0.5) / supersample
+        x = samples[None, :] - (torch.arange(size, dtype=torch.float64, device=device)[:, None] + 0.5)
+        if self.kind == "box":
+            w = (x.abs() <= self.width / 2).double()
+        else:
+            w = blackman_harris(x, 2 * self.width)
+        return (w / w.sum(1, keepdim=True).clamp_min(1e-12)).float()
+
 
 def blackman_harris(x: torch.Tensor, support: float) -> torch.Tensor:
     """The (unnormalised) Blackman-Harris window spanning [-support/2, support/2], zero outside."""

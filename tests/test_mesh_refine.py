@@ -190,3 +190,43 @@ def test_start_distances_reproduce_the_start_surface():
     mesh = marching_tets(grid.positions, sdf, grid.tets)
     radii = mesh.verts.norm(dim=1)
     assert abs(float(radii.mean()) - 0.6) < 0.003 and float((radii - 0.6).abs().max()) < 0.01
+
+
+def test_pixel_filter_matrix_weighs_the_finer_samples_of_each_pixel():
+    """A box of one pixel averages the pixel's own samples; Blackman-Harris 1.5 px (Cycles'
+    window over 3 px) reaches into the neighbours, symmetrically; every row sums to 1."""
+    from gen3d import PixelFilter
+
+    box = PixelFilter("box", 1.0).matrix(4, 2)
+    assert torch.allclose(box[1], torch.tensor([0, 0, 0.5, 0.5, 0, 0, 0, 0]))
+    bh = PixelFilter("blackman-harris", 1.5).matrix(8, 4)
+    assert torch.allclose(bh.sum(1), torch.ones(8))
+    around = bh[4, 12:24]  # the samples of pixels 3, 4 and 5: the window's 3 px
+    assert torch.allclose(around, around.flip(0), atol=1e-6) and around[:4].sum() > 0.01
+    assert bh[4, :12].sum() == 0 and bh[4, 24:].sum() == 0
+
+
+def test_refine_supersampled_views_are_the_filtered_fine_render(small_dataset, tmp_path):
+    """draw_filtered rasterises through cameras ``supersample`` times finer (focal lengths and
+    centres scaled) and, with a one-pixel box, returns the fine render's 2x2 means; a bad
+    supersample is a config error naming it."""
+    from types import SimpleNamespace
+
+    from gen3d_plugins.mesh_refine import MeshRefine, MeshRefineConfig
+
+    from gen3d_plugins.nerf_data import NerfDataConfig, load
+
+    cameras = load(NerfDataConfig(path=Path(small_dataset))).test.cameras[:2]
+    fine = torch.rand(2, cameras.height * 2, cameras.width * 2, 4)
+
+    def draw(mesh, seen, background):
+        assert (seen.width, seen.height) == (cameras.width * 2, cameras.height * 2)
+        torch.testing.assert_close(seen.fx, cameras.fx * 2) and torch.testing.assert_close(seen.cx, cameras.cx * 2)
+        return fine
+
+    loop = SimpleNamespace(config=MeshRefineConfig(supersample=2), draw=draw)
+    filtered = MeshRefine.draw_filtered(loop, None, cameras, torch.ones(2, 3))
+    means = fine.reshape(2, cameras.height, 2, cameras.width, 2, 4).mean(dim=(2, 4))
+    torch.testing.assert_close(filtered, means, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="supersample"):
+        tiny_refine_recipe(small_dataset, tmp_path, supersample=9)
