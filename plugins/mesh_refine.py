@@ -15,7 +15,8 @@ point; silhouette edges are antialiased so the loss reaches the outline's vertic
 objective is one of, or both:
 
 - posed images (``data``, reconstruction): a few training views a step, RGB on a random
-  background + mask;
+  background + mask, each view rasterised ``supersample`` times finer and filtered down by the
+  images' own pixel filter;
 - a guidance (``guidance``, text- and image-to-3D as in Magic3D's second stage): random views
   around the object, shaded as text-to-3d shades them (albedo, Lambertian under a light near the
   camera, or textureless: white albedo, so only geometry can satisfy the guidance), scored by the
@@ -578,7 +579,8 @@ class MeshRefine:
     def draw_filtered(self, mesh: TetMesh, cameras, background: torch.Tensor) -> torch.Tensor:
         """:meth:`draw` of posed views as their images were made: ``supersample`` times finer,
         weighed down to each pixel by the pixel filter."""
-        s, c = self.config.supersample, self.config
+        c = self.config
+        s = c.supersample
         if s == 1 and c.pixel_filter == "box" and c.pixel_filter_width == 1.0:
             return self.draw(mesh, cameras, background)
         fine = Cameras(cameras.c2w, cameras.fx * s, cameras.fy * s, cameras.cx * s, cameras.cy * s,
