@@ -31,6 +31,12 @@ class Cameras:
         return Cameras(pick(self.c2w), pick(self.fx), pick(self.fy), pick(self.cx), pick(self.cy),
                        self.width, self.height)
 
+    def finer(self, factor: int) -> Cameras:
+        """The same views with ``factor`` times the pixels along each side (focal lengths and
+        principal points in the finer pixels)."""
+        return Cameras(self.c2w, self.fx * factor, self.fy * factor, self.cx * factor, self.cy * factor,
+                       self.width * factor, self.height * factor)
+
     def rays(self, cam: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """World-space rays through pixel positions (u right, v down, in pixels; +0.5 is a pixel centre)."""
         x = (u - self.cx[cam]) / self.fx[cam]

@@ -44,14 +44,13 @@ import trimesh
 from scipy import ndimage
 from torch import nn
 
-from gen3d import (Cameras, Choice, Component, ConfigError, Gen3DError, GuidanceInput, HeldOutViews, Orbit,
-                   PixelFilter, ReferenceView, RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles,
-                   ViewPrompts, VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors,
-                   fill_interior, finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice,
-                   laplacian_loss, level_from_silhouettes,
-                   load_trained_field, marching_tets, project, quick_psnr, random_views, raster_backend, rasterize,
-                   sdf_sign_loss, surface_distances, surface_mesh, surface_of, tet_edges, tet_grid,
-                   view_prompts)
+from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, HeldOutViews, Orbit, PixelFilter,
+                   ReferenceView, RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles, ViewPrompts,
+                   VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors, fill_interior,
+                   finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice, laplacian_loss,
+                   level_from_silhouettes, load_trained_field, marching_tets, project, quick_psnr, random_views,
+                   raster_backend, rasterize, sdf_sign_loss, surface_distances, surface_mesh, surface_of, tet_edges,
+                   tet_grid, view_prompts)
 from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
 from gen3d_plugins.text_to_3d import CameraSampling, Shading
 
@@ -397,16 +396,16 @@ class MeshRefine:
         sdf = signed_distances(grid.positions, fine)
         if self.config.smooth_start > 0:
             sdf = smoothed(sdf, volume, grid.grid_index, self.config.smooth_start, (tets.band + 1) * cell)
-        start = marching_tets(grid.positions, sdf, grid.tets)
-        start_mesh = trimesh.Trimesh(start.verts.cpu().numpy(), start.faces.cpu().numpy(), process=False)
         frozen = ~torch.from_numpy(inner_vertices(band).reshape(-1)).to(box.device)[grid.grid_index]
         colors = ColorGrid(box, self.config.color_resolution)
         colors.table.copy_(source_colors(source, surface, colors.points()))
         model = RefinedSurface(grid.positions, grid.tets, sdf, frozen, cell, tets.max_deform, colors)
+        start = model.extract()  # what the first step draws
         if self.config.color_fit_steps > 0 and self.fit_images:
-            colors.fit(*self.seen_colors(model.extract()), self.config.color_fit_steps)
-        metrics = {"start_faces": len(start_mesh.faces)}
+            colors.fit(*self.seen_colors(start), self.config.color_fit_steps)
+        metrics = {"start_faces": len(start.faces)}
         if self.data is not None and self.data.ground_truth_mesh is not None:
+            start_mesh = trimesh.Trimesh(start.verts.cpu().numpy(), start.faces.cpu().numpy(), process=False)
             metrics["chamfer_start"] = round(chamfer(start_mesh, self.data.ground_truth_mesh), 5)
         return model, metrics
 
@@ -583,9 +582,7 @@ class MeshRefine:
         s = c.supersample
         if s == 1 and c.pixel_filter == "box" and c.pixel_filter_width == 1.0:
             return self.draw(mesh, cameras, background)
-        fine = Cameras(cameras.c2w, cameras.fx * s, cameras.fy * s, cameras.cx * s, cameras.cy * s,
-                       cameras.width * s, cameras.height * s)
-        image = self.draw(mesh, fine, background)
+        image = self.draw(mesh, cameras.finer(s), background)
         pixel_filter = PixelFilter(c.pixel_filter, c.pixel_filter_width)
         rows = pixel_filter.matrix(cameras.height, s, image.device)
         cols = pixel_filter.matrix(cameras.width, s, image.device)
