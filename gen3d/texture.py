@@ -148,9 +148,11 @@ def covered_texels(tri: np.ndarray, width: int, height: int, budget: int) -> tup
     ends = np.cumsum(counts)
     found, start = [], 0
     while start < len(tri):
-        stop = max(int(np.searchsorted(ends, (ends[start - 1] if start else 0) + budget, side="right")), start + 1)
+        done = ends[start - 1] if start else 0  # candidates of the chunks before this one
+        stop = max(int(np.searchsorted(ends, done + budget, side="right")), start + 1)
         f = np.repeat(np.arange(start, stop), counts[start:stop])
-        k = np.arange(len(f)) - np.repeat(ends[start:stop] - counts[start:stop], counts[start:stop])
+        # k: the candidate's index within its triangle's bounding box
+        k = np.arange(len(f)) + done - np.repeat(ends[start:stop] - counts[start:stop], counts[start:stop])
         x = lo[f, 0] + k % np.maximum(span[f, 0], 1)
         y = lo[f, 1] + k // np.maximum(span[f, 0], 1)
         bary = barycentrics(np.stack([x + 0.5, y + 0.5], axis=1), tri[f])

@@ -17,7 +17,7 @@ from gen3d.config import Choice
 from gen3d.errors import Gen3DError
 from gen3d.export import Z_UP_TO_Y_UP, MeshSettings, export_mesh
 from gen3d.specs import Component
-from gen3d.texture import TEXTURE_KEY, MeshTexture, rasterize
+from gen3d.texture import TEXTURE_KEY, MeshTexture, covered_texels, rasterize
 
 
 def smooth_colors(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,20 @@ def test_every_texel_of_a_triangle_is_found_once():
     assert on_edge.all()
     gap = np.linalg.norm(nearest - centre, axis=1) - np.linalg.norm(np.clip(centre, 2, 6) - centre, axis=1)
     assert gap[~inside].max() < 0.6
+
+
+def test_texels_found_in_chunks_are_those_found_at_once():
+    # Big textures (2048 px and up) overflow one chunk of candidates; every chunk after the first
+    # must still place its candidates in their own triangle's box (a 2048 px bake was noise).
+    rng = np.random.default_rng(0)
+    uv_px = rng.uniform(0, 64, size=(300, 2))
+    faces = rng.integers(0, 300, size=(200, 3))
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    whole = covered_texels(uv_px[faces], 64, 64, budget=1 << 30)
+    chunked = covered_texels(uv_px[faces], 64, 64, budget=500)
+    assert len(whole[0]) > 1000
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_copies_and_turns_keep_the_texture_and_the_normals(textured, tmp_path):
