@@ -30,7 +30,7 @@ from .preprocessing import (PREPROCESSOR_ROLES, DepthEstimator, DepthMap, Detect
 from .prompts import EmbeddingCache, ViewPrompts, view_prompts
 from .recipe import Recipe, StageSettings, apply_override, parse_override
 from .render import (RenderOutput, RenderSettings, VolumeRenderer, binary_entropy, cell_max_density,
-                     pixel_means)
+                     filtered_means, pixel_means)
 from .run import Run, StageLoop, TrainingLoop, TrainResult
 from .raster import antialias, clip_matrices, edge_neighbors, interpolate, project, rasterize
 from .raster import backend as raster_backend

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from gen3d.cameras import PixelFilter
+from gen3d.colors import linear_to_srgb, srgb_to_linear
 
 
 class RadianceField(Protocol):
@@ -65,6 +66,10 @@ class RenderSettings:
     # field edges in the wrong place.
     pixel_filter: Literal["box", "blackman-harris"] = "box"
     pixel_filter_width: float = 1.0
+    # What a pixel's rays are averaged as: "linear" light, as Cycles and a camera's sensor add it
+    # up (and the shipped data sets), or "srgb" numbers, for images filtered after encoding. An
+    # edge pixel's colour differs between the two where the object's colour changes within it.
+    filter_space: Literal["linear", "srgb"] = "linear"
     # Whole-image renderings (held-out views, previews) average this many renderings whose samples
     # sit at shifts of (i + 0.5) / n of a step. Training shifts each ray's samples at random, so
     # the field fits the average over shifts; one fixed shift shows the march's aliasing where a
@@ -111,6 +116,25 @@ def pixel_means(values: torch.Tensor, pixels: int, ray_pixel: torch.Tensor | Non
     sums = values.new_zeros(pixels, values.shape[-1]).index_add(0, ray_pixel, values)
     counts = torch.bincount(ray_pixel, minlength=pixels).clamp_min(1)
     return sums / counts[:, None].to(values.dtype)
+
+
+def filtered_means(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor, pixels: int,
+                   ray_pixel: torch.Tensor | None = None, space: str = "linear") -> torch.Tensor:
+    """Per pixel, its rays' colours averaged as the images were filtered (``space``, see
+    ``RenderSettings.filter_space``), arranged as :func:`pixel_means`. ``rgb`` [R, 3] is
+    composited on ``background`` ([R, 3] or [3]; the same for all rays of a pixel), ``opacity``
+    [R]. "linear": each ray's colour (un-composited) is decoded to linear light, weighed by its
+    opacity and averaged; the mean is encoded back and composited on the pixel's background, as
+    a straight-alpha image made by Blender is. A pixel of one ray, or of one colour, comes out as
+    in "srgb"."""
+    if space == "srgb":
+        return pixel_means(rgb, pixels, ray_pixel)
+    alpha = opacity[:, None]
+    background = background.expand_as(rgb)
+    color = ((rgb - background * (1 - alpha)) / alpha.clamp_min(1e-6)).clamp(0, 1)
+    means = pixel_means(torch.cat([srgb_to_linear(color) * alpha, alpha, background], dim=1), pixels, ray_pixel)
+    light, coverage, behind = means[:, :3], means[:, 3:4].clamp(0, 1), means[:, 4:]
+    return linear_to_srgb((light / coverage.clamp_min(1e-6)).clamp(0, 1)) * coverage + behind * (1 - coverage)
 
 
 def binary_entropy(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

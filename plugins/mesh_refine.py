@@ -48,11 +48,14 @@ from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, He
                    ReferenceView, RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles, ViewPrompts,
                    VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors, fill_interior,
                    finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice, laplacian_loss,
-                   level_from_silhouettes, load_trained_field, marching_tets, project, quick_psnr, random_views,
-                   raster_backend, rasterize, sdf_sign_loss, surface_distances, surface_mesh, surface_of, tet_edges,
-                   tet_grid, view_prompts)
+                   level_from_silhouettes, linear_to_srgb, load_trained_field, marching_tets, project, quick_psnr,
+                   random_views, raster_backend, rasterize, sdf_sign_loss, srgb_to_linear, surface_distances,
+                   surface_mesh, surface_of, tet_edges, tet_grid, view_prompts)
 from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
 from gen3d_plugins.text_to_3d import CameraSampling, Shading
+
+FILTER_SPACES = ("linear", "srgb")
+
 
 @dataclass
 class TetSettings:
@@ -171,6 +174,10 @@ class MeshRefineConfig:
     supersample: int = 1
     pixel_filter: str = "box"
     pixel_filter_width: float = 1.0
+    # What the filter averages: "linear" light (Blender's Cycles, a camera's sensor, the shipped
+    # data sets: an edge between two colours is brighter than the mean of their sRGB numbers)
+    # or "srgb" numbers (images filtered after encoding, as some renderers and resizers do).
+    filter_space: str = "linear"
     turntable_elevation: float = 25.0  # degrees; preview.elevation overrides it
     eval_views: int = 8  # held-out views for the quick evaluations during training
 
@@ -185,6 +192,8 @@ class MeshRefineConfig:
         if not 1 <= self.supersample <= 4:
             raise ValueError(f"supersample must be 1..4 samples a pixel side, got {self.supersample}")
         PixelFilter(self.pixel_filter, self.pixel_filter_width)  # its own checks name the bad value
+        if self.filter_space not in FILTER_SPACES:
+            raise ValueError(f"filter_space must be one of {', '.join(FILTER_SPACES)}, got {self.filter_space!r}")
         if self.level is not None and not self.level > 0:
             raise ValueError(f"level must be positive, got {self.level}")
 
@@ -582,11 +591,24 @@ class MeshRefine:
         s = c.supersample
         if s == 1 and c.pixel_filter == "box" and c.pixel_filter_width == 1.0:
             return self.draw(mesh, cameras, background)
-        image = self.draw(mesh, cameras.finer(s), background)
         pixel_filter = PixelFilter(c.pixel_filter, c.pixel_filter_width)
-        rows = pixel_filter.matrix(cameras.height, s, image.device)
-        cols = pixel_filter.matrix(cameras.width, s, image.device)
-        return torch.einsum("ik,bklc,jl->bijc", rows, image, cols)
+        rows = pixel_filter.matrix(cameras.height, s, background.device)
+        cols = pixel_filter.matrix(cameras.width, s, background.device)
+        if c.filter_space == "srgb":
+            image = self.draw(mesh, cameras.finer(s), background)
+            return torch.einsum("ik,bklc,jl->bijc", rows, image, cols)
+        # Linear light, as straight-alpha images are made: the mesh's colour premultiplied by its
+        # coverage and the coverage are filtered, the colour is then un-premultiplied and encoded,
+        # and only the finished image goes over the background (as the data loader puts the
+        # images over it).
+        fine = self.draw(mesh, cameras.finer(s), torch.zeros_like(background))
+        coverage = fine[..., 3:]
+        color = fine[..., :3] / coverage.clamp_min(1e-6)  # drawn over black: colour x coverage
+        premultiplied = torch.cat([srgb_to_linear(color.clamp(0, 1)) * coverage, coverage], dim=-1)
+        filtered = torch.einsum("ik,bklc,jl->bijc", rows, premultiplied, cols)
+        alpha = filtered[..., 3:].clamp(0, 1)
+        color = linear_to_srgb((filtered[..., :3] / alpha.clamp_min(1e-6)).clamp(0, 1))
+        return torch.cat([color * alpha + background[:, None, None] * (1 - alpha), alpha], dim=-1)
 
     # --- state -------------------------------------------------------------------------
 

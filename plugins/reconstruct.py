@@ -12,7 +12,7 @@ from scipy import ndimage
 from torch.profiler import record_function
 
 from gen3d import (Choice, Component, FieldLoop, FieldTrainer, HeldOutViews, Orbit, RenderSettings, Silhouettes,
-                   StageOutputs, binary_entropy, choice, fov_of, hookimpl, pixel_means, quick_psnr)
+                   StageOutputs, binary_entropy, choice, filtered_means, fov_of, hookimpl, pixel_means, quick_psnr)
 
 @dataclass
 class TrainSettings:
@@ -81,6 +81,7 @@ class Reconstruct(FieldLoop):
         self.trainer = FieldTrainer(run, config.representation, aabb, config.render, needs=NEEDS,
                                     lr_decay=config.train.lr_decay, loop_name="nerf-reconstruct")
         self.background = torch.tensor(config.train.background, device=device)
+        self.filter_space = config.render.filter_space
         self.random_background = config.train.random_background and self.data.has_alpha
         self.opacity_entropy = config.train.opacity_entropy if self.data.has_alpha else 0.0
         self.pixel_error = torch.ones(len(self.pixels), device=device)  # last seen squared error per pixel
@@ -105,7 +106,8 @@ class Reconstruct(FieldLoop):
             origins, dirs, target, background, index, ray_pixel = self.sample_rays(self.config.train.rays_per_step)
         with record_function("gen3d.render"):
             out = self.renderer.render(self.field, origins, dirs, background, stratified=True)
-            squared = (pixel_means(out.rgb, len(target), ray_pixel) - target) ** 2
+            rendered = filtered_means(out.rgb, out.opacity, background, len(target), ray_pixel, self.filter_space)
+            squared = (rendered - target) ** 2
             mse = squared.mean()
             if self.config.train.error_sampling > 0:
                 self.pixel_error[index] = squared.detach().mean(dim=1) + 1e-5  # a floor keeps every pixel in play
@@ -191,7 +193,7 @@ class Reconstruct(FieldLoop):
         origins, dirs = cameras.image_rays(index, s, self.config.render.filter)
         offsets = offsets or self.config.render.eval_offsets
         out = self.renderer.render_chunked(self.field, origins, dirs, self.background, offsets=offsets)
-        rgb = pixel_means(out.rgb, h * w)
+        rgb = filtered_means(out.rgb, out.opacity, self.background, h * w, None, self.filter_space)
         if self.edge_supersample > s:
             # Second pass: the pixels near the field's own silhouette, with edge_supersample rays.
             opacity = pixel_means(out.opacity[:, None], h * w).reshape(h, w)
@@ -199,7 +201,7 @@ class Reconstruct(FieldLoop):
             origins, dirs = cameras.pixel_rays(torch.full_like(pixels, index), pixels, self.edge_supersample,
                                                pixel_filter=self.config.render.filter)
             fine = self.renderer.render_chunked(self.field, origins, dirs, self.background, offsets=offsets)
-            rgb[pixels] = pixel_means(fine.rgb, len(pixels))
+            rgb[pixels] = filtered_means(fine.rgb, fine.opacity, self.background, len(pixels), None, self.filter_space)
         return rgb.reshape(h, w, 3).clamp(0, 1).cpu().numpy()
 
     def evaluate(self) -> dict[str, float]:

@@ -224,9 +224,38 @@ def test_refine_supersampled_views_are_the_filtered_fine_render(small_dataset, t
         torch.testing.assert_close(seen.fx, cameras.fx * 2) and torch.testing.assert_close(seen.cx, cameras.cx * 2)
         return fine
 
-    loop = SimpleNamespace(config=MeshRefineConfig(supersample=2), draw=draw)
+    loop = SimpleNamespace(config=MeshRefineConfig(supersample=2, filter_space="srgb"), draw=draw)
     filtered = MeshRefine.draw_filtered(loop, None, cameras, torch.ones(2, 3))
     means = fine.reshape(2, cameras.height, 2, cameras.width, 2, 4).mean(dim=(2, 4))
     torch.testing.assert_close(filtered, means, atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="supersample"):
         tiny_refine_recipe(small_dataset, tmp_path, supersample=9)
+
+
+def test_refine_filters_views_in_linear_light_as_blender_does(small_dataset):
+    """filter_space linear (the default): a pixel half white, half black is sRGB 0.735 (linear
+    0.5), not 0.5; a pixel half covered by white keeps white as its colour, with alpha 0.5, and
+    only then goes over the background; a fully covered pixel of one colour keeps it."""
+    from types import SimpleNamespace
+
+    from gen3d_plugins.mesh_refine import MeshRefine, MeshRefineConfig
+    from gen3d_plugins.nerf_data import NerfDataConfig, load
+
+    cameras = load(NerfDataConfig(path=Path(small_dataset))).test.cameras[:1]
+    h, w = cameras.height, cameras.width
+    fine = torch.zeros(1, 2 * h, 2 * w, 4)  # drawn over black: colour x coverage, coverage
+    fine[0, :2, :2] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # pixel (0, 0): white left, black right
+    fine[0, :2, 1, :3] = 0.0
+    fine[0, 2:4, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # pixel (1, 0): white on the left half only
+    fine[0, 4:6, :2] = torch.tensor([0.2, 0.4, 0.6, 1.0])  # pixel (2, 0): one colour
+
+    def draw(mesh, seen, background):
+        assert (background == 0).all()  # the colour comes premultiplied by its coverage
+        return fine
+
+    loop = SimpleNamespace(config=MeshRefineConfig(supersample=2), draw=draw)
+    out = MeshRefine.draw_filtered(loop, None, cameras, torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.7354, 0.7354, 0.7354, 1.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[0, 1, 0], torch.tensor([0.5, 0.5, 1.0, 0.5]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, 2, 0], torch.tensor([0.2, 0.4, 0.6, 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, 5, 5], torch.tensor([0.0, 0.0, 1.0, 0.0]))  # empty: the background

@@ -264,3 +264,23 @@ def test_packed_weights_keep_precision_behind_many_opaque_rays():
     a = 1 - torch.exp(-torch.tensor([0.1, 0.2, 0.3]))
     expected = torch.stack([a[0], (1 - a[0]) * a[1], (1 - a[0]) * (1 - a[1]) * a[2]])
     assert torch.allclose(w, expected, atol=1e-6)
+
+
+def test_filtered_means_average_light_not_srgb_numbers():
+    """A pixel of a white and a black ray is sRGB 0.735 (linear 0.5) in linear light, 0.5 as
+    sRGB numbers; a white ray over half the pixel keeps white as the colour over the
+    background; a pixel of one ray is the ray as it is."""
+    from gen3d import filtered_means
+
+    background = torch.tensor([0.0, 0.0, 1.0])
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0],  # pixel 0: white, black
+                        [1.0, 1.0, 1.0], [0.0, 0.0, 1.0],  # pixel 1: white, nothing (the background)
+                        [0.3, 0.5, 0.65]])  # pixel 2: one ray, 0.7 opaque (0.5, 0.5, 0.5) over blue
+    opacity = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.7])
+    ray_pixel = torch.tensor([0, 0, 1, 1, 2])
+    linear = filtered_means(rgb, opacity, background, 3, ray_pixel)
+    torch.testing.assert_close(linear[0], torch.full((3,), 0.7354), atol=1e-4, rtol=0)
+    torch.testing.assert_close(linear[1], torch.tensor([0.5, 0.5, 1.0]))
+    torch.testing.assert_close(linear[2], rgb[4], atol=1e-5, rtol=0)
+    plain = filtered_means(rgb, opacity, background, 3, ray_pixel, space="srgb")
+    torch.testing.assert_close(plain[0], torch.full((3,), 0.5))

@@ -54,7 +54,7 @@ def compare(render: np.ndarray, truth: np.ndarray, background: np.ndarray) -> di
 
 
 def render_in_blender(files: list[Path], data_dir: Path, split: str, views: list[int], size: int, out: Path,
-                      blender: str = "blender", samples: int = 16, timeout: float = 600) -> list[dict]:
+                      blender: str = "blender", samples: int = 128, timeout: float = 600) -> list[dict]:
     command = [blender, "-b", "--factory-startup", "--python", str(RENDER_SCRIPT), "--",
                "--transforms", str(data_dir / f"transforms_{split}.json"), "--views", *map(str, views),
                "--size", str(size), "--out", str(out), "--samples", str(samples), *map(str, files)]
@@ -67,14 +67,14 @@ def render_in_blender(files: list[Path], data_dir: Path, split: str, views: list
 
 def score_exports(run_dir: Path, data_dir: Path, formats=("glb", "obj", "ply"), views: int = 8,
                   split: str = "test", background=(1.0, 1.0, 1.0), blender: str = "blender",
-                  samples: int = 16, keep: Path | None = None) -> dict[str, dict]:
+                  samples: int = 128, keep: Path | None = None) -> dict[str, dict]:
     """Per format of RUN_DIR/mesh.FORMAT: see :func:`score_files`."""
     files = {fmt: Path(run_dir) / f"mesh.{fmt}" for fmt in formats}
     return score_files(files, data_dir, views, split, background, blender, samples, keep)
 
 
 def score_files(files: dict[str, Path], data_dir: Path, views: int = 8, split: str = "test",
-                background=(1.0, 1.0, 1.0), blender: str = "blender", samples: int = 16,
+                background=(1.0, 1.0, 1.0), blender: str = "blender", samples: int = 128,
                 keep: Path | None = None) -> dict[str, dict]:
     """Per named file: mean PSNR and alpha IoU over ``views`` held-out views, their minima,
     what fed the colour in Blender ("colors": an image texture or a colour attribute) and
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--formats", nargs="+", default=["glb", "obj", "ply"])
     parser.add_argument("--split", default="test")
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--blender", default="blender")
     parser.add_argument("--keep", type=Path, help="folder to keep the renders in")
     args = parser.parse_args()
