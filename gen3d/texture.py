@@ -10,12 +10,14 @@ exporters in :func:`gen3d.hookspecs.gen3d_exporters`).
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xatlas
 from scipy import ndimage
 
 from .errors import Gen3DError
@@ -65,21 +67,51 @@ def texture_of(mesh) -> MeshTexture | None:
 def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A UV atlas of the mesh for a ``size`` x ``size`` texture: ``(vmapping, faces, uv)`` where
     new vertex i is old vertex ``vmapping[i]`` (seams split vertices), ``faces`` index the new
-    vertices and ``uv`` [N, 2] are in 0..1 (v down, as in :class:`MeshTexture`)."""
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
-    pack = xatlas.PackOptions()
-    pack.resolution = size  # with texels_per_unit left 0, xatlas scales the charts to about this
-    pack.padding = PADDING
-    pack.bilinear = True
-    atlas.generate(pack_options=pack)
-    if atlas.atlas_count != 1:
-        raise Gen3DError(f"xatlas packed the mesh into {atlas.atlas_count} atlases, not one {size} px texture")
-    vmapping, new_faces, uv = atlas[0]
+    vertices and ``uv`` [N, 2] are in 0..1 (v down, as in :class:`MeshTexture`).
+
+    xatlas runs in a child process: on some meshes (an icosphere of 82 k faces here; users of
+    TRELLIS and stable-dreamfusion report others) it crashes with a segmentation fault, which
+    in this process would end the run without a word. The child's crash becomes a Gen3DError."""
+    payload = io.BytesIO()
+    np.savez(payload, vertices=np.ascontiguousarray(vertices, dtype=np.float32),
+             faces=np.ascontiguousarray(faces, dtype=np.uint32), size=np.array(size))
+    proc = subprocess.run([sys.executable, "-c", UNWRAP_SCRIPT], input=payload.getvalue(), capture_output=True)
+    if proc.returncode != 0:
+        why = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        if proc.returncode < 0:
+            why = [f"it crashed (signal {-proc.returncode}), a known xatlas fault on some meshes"]
+        raise Gen3DError(f"xatlas could not unwrap the mesh ({len(faces)} faces) into a texture atlas: {why[0]}; "
+                         "try another export.target_faces or export.colors: vertex")
+    result = np.load(io.BytesIO(proc.stdout))
+    if int(result["atlas_count"]) != 1:
+        raise Gen3DError(f"xatlas packed the mesh into {int(result['atlas_count'])} atlases, not one {size} px texture")
     # xatlas' atlas comes out near `size` but not at it (its chart scale is an estimate); the
     # texture is `size` square, a power of two for mipmaps, so the UVs are scaled to fit it.
-    scale = np.array([atlas.width, atlas.height], dtype=np.float64) / max(size, atlas.width, atlas.height)
-    return vmapping.astype(np.int64), new_faces.astype(np.int64), (uv * scale).astype(np.float32)
+    width, height = int(result["width"]), int(result["height"])
+    scale = np.array([width, height], dtype=np.float64) / max(size, width, height)
+    return (result["vmapping"].astype(np.int64), result["faces"].astype(np.int64),
+            (result["uv"] * scale).astype(np.float32))
+
+
+# Run by unwrap() in a child process (numpy and xatlas only): the mesh in, the atlas out, as .npz.
+UNWRAP_SCRIPT = f"""
+import io, sys
+import numpy as np
+import xatlas
+mesh = np.load(io.BytesIO(sys.stdin.buffer.read()))
+atlas = xatlas.Atlas()
+atlas.add_mesh(mesh["vertices"], mesh["faces"])
+pack = xatlas.PackOptions()
+pack.resolution = int(mesh["size"])  # with texels_per_unit left 0, xatlas scales the charts to about this
+pack.padding = {PADDING}
+pack.bilinear = True
+atlas.generate(pack_options=pack)
+vmapping, faces, uv = atlas[0] if atlas.atlas_count == 1 else (np.zeros(0), np.zeros((0, 3)), np.zeros((0, 2)))
+out = io.BytesIO()
+np.savez(out, vmapping=vmapping, faces=faces, uv=uv, width=atlas.width, height=atlas.height,
+         atlas_count=atlas.atlas_count)
+sys.stdout.buffer.write(out.getvalue())
+"""
 
 
 def bake(vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int,
