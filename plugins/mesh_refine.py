@@ -54,9 +54,6 @@ from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, He
 from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
 from gen3d_plugins.text_to_3d import CameraSampling, Shading
 
-FILTER_SPACES = ("linear", "srgb")
-
-
 @dataclass
 class TetSettings:
     resolution: int = 80  # cube cells along the box's longest side (six tetrahedra each)
@@ -177,7 +174,7 @@ class MeshRefineConfig:
     # What the filter averages: "linear" light (Blender's Cycles, a camera's sensor, the shipped
     # data sets: an edge between two colours is brighter than the mean of their sRGB numbers)
     # or "srgb" numbers (images filtered after encoding, as some renderers and resizers do).
-    filter_space: str = "linear"
+    filter_space: Literal["linear", "srgb"] = "linear"
     turntable_elevation: float = 25.0  # degrees; preview.elevation overrides it
     eval_views: int = 8  # held-out views for the quick evaluations during training
 
@@ -192,8 +189,6 @@ class MeshRefineConfig:
         if not 1 <= self.supersample <= 4:
             raise ValueError(f"supersample must be 1..4 samples a pixel side, got {self.supersample}")
         PixelFilter(self.pixel_filter, self.pixel_filter_width)  # its own checks name the bad value
-        if self.filter_space not in FILTER_SPACES:
-            raise ValueError(f"filter_space must be one of {', '.join(FILTER_SPACES)}, got {self.filter_space!r}")
         if self.level is not None and not self.level > 0:
             raise ValueError(f"level must be positive, got {self.level}")
 
