@@ -27,8 +27,9 @@ The slope comes with the value from the same eight corners (:class:`TrilinearWit
 and is trained through (NeuS does too). s is a learned scalar (``log_s``, its own learning
 rate), saved with the table in ``state_dict_plain`` and checkpoints. Regularisers: the eikonal
 loss (|grad f| - 1)^2 on the render samples of the step (their gradients are already computed),
-and a curvature penalty (second differences of f) on grid vertices next to those samples, both
-with row-sparse gradients.
+and a curvature penalty (second differences of f) on grid vertices next to those samples. The
+same lookup gathers the curvature stencils, so the step's whole table gradient is one row-sparse
+tensor: autograd adding two sparse gradients costs a quarter of a CPU step.
 """
 
 from __future__ import annotations
@@ -133,16 +134,30 @@ class SDFGrid(GridNeRF):
 
     # --- lookups -------------------------------------------------------------------------
 
-    def _values_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every channel at x, grad f at x (world units), and each point's cell (its first corner)."""
+    def _values_and_gradient(self, x: torch.Tensor, stencil_samples: int = 0
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every channel at x, grad f at x (world units), and f at the curvature stencils of up to
+        ``stencil_samples`` of the points' cells (:meth:`stencils`)."""
         idx, f = self._cell(x)
         w = [torch.stack([1 - f[:, k], f[:, k]], dim=1) for k in range(3)]
         dw = torch.tensor([-1.0, 1.0], device=x.device).expand(len(x), 2)
         scale = (self.resolution - 1) / (self.aabb[3:] - self.aabb[:3])
         derivs = torch.stack([self._weights(*(dw if k == axis else w[k] for k in range(3))) * scale[axis]
                               for axis in range(3)], dim=-1)
-        values, grad = TrilinearWithGradient.apply(self.table, idx, self._weights(*w), derivs)
-        return values, grad, idx[:, 0]
+        stencil = self.stencils(idx[:, 0], stencil_samples)
+        return TrilinearWithGradient.apply(self.table, idx, self._weights(*w), derivs, stencil)
+
+    def stencils(self, cells: torch.Tensor, count: int) -> torch.Tensor:
+        """[n, 7] vertex indices: centre, +x +y +z, -x -y -z, around the first corners of up to
+        ``count`` of ``cells`` picked at random (kept one vertex in from the grid's faces)."""
+        if count == 0 or len(cells) == 0:
+            return cells.new_zeros(0, 7)
+        r = self.resolution
+        base = cells[torch.randint(0, len(cells), (min(len(cells), count),), device=cells.device)]
+        ijk = torch.stack([base // (r * r), base // r % r, base % r], dim=1).clamp(1, r - 2)
+        centre = (ijk[:, 0] * r + ijk[:, 1]) * r + ijk[:, 2]
+        offsets = torch.tensor([r * r, r, 1], device=cells.device)
+        return torch.cat([centre[:, None], centre[:, None] + offsets, centre[:, None] - offsets], dim=1)
 
     def optical_depth(self, f: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         """NeuS's section alpha as -log(1 - alpha), from the sample's value and slope along the ray."""
@@ -153,9 +168,11 @@ class SDFGrid(GridNeRF):
         return (F.logsigmoid(s * (f - half)) - F.logsigmoid(s * (f + half))).clamp_min(0)
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values, grad, cells = self._values_and_gradient(x)
-        if torch.is_grad_enabled() and self.training:
-            self._samples = [*self._samples[-3:], (grad, cells)]  # for regularizer(); at most a few renders a step
+        training = torch.is_grad_enabled() and self.training
+        curvature = self.config.curvature_samples if training and self.config.curvature_weight > 0 else 0
+        values, grad, stencil_f = self._values_and_gradient(x, curvature)
+        if training:  # for regularizer(); at most a few renders a step
+            self._samples = [*self._samples[-3:], (grad, stencil_f)]
         sigma = self.optical_depth(values[:, 0], (grad * d).sum(-1)) / self.step_size
         coeffs = values[:, 1:].view(-1, 3, self.n_sh)
         rgb = torch.sigmoid((coeffs * sh_basis(d, self.n_sh)[:, None]).sum(-1))
@@ -222,23 +239,15 @@ class SDFGrid(GridNeRF):
         if grads and self.config.eikonal_weight > 0:
             norm = torch.cat(grads).norm(dim=-1)
             terms.append(self.config.eikonal_weight * ((norm - 1) ** 2).mean())
-        cells = [c for _, c in samples if len(c)]
-        if cells and self.config.curvature_weight > 0:
-            terms.append(self.config.curvature_weight * self.curvature(torch.cat(cells)))
+        stencils = [f for _, f in samples if len(f)]
+        if stencils and self.config.curvature_weight > 0:
+            terms.append(self.config.curvature_weight * self.curvature(torch.cat(stencils)))
         return sum(terms) if terms else None
 
-    def curvature(self, cells: torch.Tensor) -> torch.Tensor:
+    def curvature(self, f: torch.Tensor) -> torch.Tensor:
         """Mean squared second difference of f along each axis, over voxel size (a plane has none,
-        unlike TV, which fights the eikonal term), at vertices of up to curvature_samples cells."""
-        r = self.resolution
-        pick = torch.randint(0, len(cells), (min(len(cells), self.config.curvature_samples),), device=cells.device)
-        base = cells[pick]
-        ijk = torch.stack([base // (r * r), base // r % r, base % r], dim=1).clamp(1, r - 2)
-        centre = (ijk[:, 0] * r + ijk[:, 1]) * r + ijk[:, 2]
-        offsets = torch.tensor([r * r, r, 1], device=cells.device)
-        idx = torch.cat([centre[:, None], centre[:, None] + offsets, centre[:, None] - offsets], dim=1)
-        f = ColumnGather.apply(self.table, idx)  # [n, 7]: centre, +x +y +z, -x -y -z
-        h = ((self.aabb[3:] - self.aabb[:3]) / (r - 1))
+        unlike TV, which fights the eikonal term), from f at [n, 7] stencils (:meth:`stencils`)."""
+        h = (self.aabb[3:] - self.aabb[:3]) / (self.resolution - 1)
         second = (f[:, 1:4] + f[:, 4:7] - 2 * f[:, :1]) / h
         return second.pow(2).mean()
 
@@ -264,46 +273,44 @@ class SDFGrid(GridNeRF):
 
 
 class TrilinearWithGradient(torch.autograd.Function):
-    """Every channel's trilinear blend and column 0's spatial gradient, from the same eight corners.
+    """Every channel's trilinear blend and column 0's spatial gradient, from the same eight corners,
+    and column 0 at the curvature stencils.
 
     Forward: ``embedding_bag`` for the blend, a gather of column 0's corners for the gradient
-    (``derivs``: each corner's weight in d/dx, d/dy, d/dz). Backward: one uncoalesced row-sparse
-    gradient for both, as grid-nerf's TrilinearLookup makes (RowAdam sums its rows)."""
+    (``derivs``: each corner's weight in d/dx, d/dy, d/dz), a gather of the stencils. Backward:
+    one uncoalesced row-sparse gradient for all three, as grid-nerf's TrilinearLookup makes
+    (RowAdam sums its rows), written into one buffer: no sparse tensors to add."""
 
     @staticmethod
-    def forward(ctx, table, idx, w, derivs):
+    def forward(ctx, table, idx, w, derivs, stencil):
         values = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
-        corners = table[:, 0][idx]  # [N, 8]
-        grad = (corners[:, :, None] * derivs).sum(1)
-        ctx.save_for_backward(idx, w, derivs)
-        ctx.rows = table.shape[0]
-        return values, grad
+        column = table[:, 0]
+        grad = (column[idx][:, :, None] * derivs).sum(1)
+        ctx.save_for_backward(idx, w, derivs, stencil)
+        ctx.rows, ctx.channels = table.shape
+        ctx.set_materialize_grads(False)
+        return values, grad, column[stencil]
 
     @staticmethod
-    def backward(ctx, grad_values, grad_grad):
-        idx, w, derivs = ctx.saved_tensors
-        contributions = w[:, :, None] * grad_values[:, None, :]
-        contributions[:, :, 0] += (derivs * grad_grad[:, None, :]).sum(-1)
-        sparse = torch.sparse_coo_tensor(idx.reshape(1, -1), contributions.reshape(-1, contributions.shape[-1]),
-                                         (ctx.rows, contributions.shape[-1]), check_invariants=False)
-        return sparse, None, None, None
-
-
-class ColumnGather(torch.autograd.Function):
-    """table[idx, 0] with a row-sparse gradient shaped like the table's (so it adds to the lookups')."""
-
-    @staticmethod
-    def forward(ctx, table, idx):
-        ctx.save_for_backward(idx)
-        ctx.shape = table.shape
-        return table[:, 0][idx]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        values = grad.new_zeros(idx.numel(), ctx.shape[1])
-        values[:, 0] = grad.reshape(-1)
-        return torch.sparse_coo_tensor(idx.reshape(1, -1), values, tuple(ctx.shape), check_invariants=False), None
+    def backward(ctx, grad_values, grad_grad, grad_stencil):
+        idx, w, derivs, stencil = ctx.saved_tensors
+        n, channels = idx.numel(), ctx.channels
+        extra = stencil.numel() if grad_stencil is not None else 0
+        contributions = w.new_empty(n + extra, channels)
+        blend = contributions[:n].view(*idx.shape, channels)
+        if grad_values is not None:
+            torch.mul(w[:, :, None], grad_values[:, None, :], out=blend)
+        else:
+            blend.zero_()
+        if grad_grad is not None:
+            contributions[:n, 0] += (derivs * grad_grad[:, None, :]).sum(-1).reshape(-1)
+        index = idx.reshape(-1)
+        if extra:
+            contributions[n:].zero_()
+            contributions[n:, 0] = grad_stencil.reshape(-1)
+            index = torch.cat([index, stencil.reshape(-1)])
+        sparse = torch.sparse_coo_tensor(index[None], contributions, (ctx.rows, channels), check_invariants=False)
+        return sparse, None, None, None, None
 
 
 def build(config: SDFGridConfig, *, aabb: torch.Tensor, step_size: float) -> SDFGrid:

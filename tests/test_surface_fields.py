@@ -77,26 +77,31 @@ def test_eikonal_and_curvature_penalise_a_bumpy_field_with_row_sparse_gradients(
 
 
 def test_sdf_gradient_lookup_matches_autograd_of_the_blend():
-    """Value, slope and the table's (row-sparse) gradient through both, against plain autograd
-    of an eight-corner gather from a dense copy of the table."""
+    """Value, slope, curvature stencils and the table's (one row-sparse) gradient through all
+    three, against plain autograd of gathers from a dense copy of the table."""
     field = sphere_field(16, 0.4)
     with torch.no_grad():
         field.table += 0.1 * torch.randn(field.table.shape, generator=torch.Generator().manual_seed(2))
     x = shell_points(200, 0.1, 0.9).requires_grad_()
-    values, grad, _ = field._values_and_gradient(x.detach())
+    torch.manual_seed(3)
+    values, grad, stencil_f = field._values_and_gradient(x.detach(), stencil_samples=50)
     dense = field.table.detach().clone().requires_grad_()
     r = field.resolution
     g = (x - field.aabb[:3]) / (field.aabb[3:] - field.aabb[:3]) * (r - 1)
     idx, _ = field._cell(x.detach())
+    torch.manual_seed(3)
+    stencil = field.stencils(idx[:, 0], 50)
+    assert stencil.shape == (50, 7)
     frac = g - g.detach().floor().clamp(max=r - 2)
     w = field._weights(*(torch.stack([1 - frac[:, k], frac[:, k]], dim=1) for k in range(3)))
     blend = (dense[idx] * w[:, :, None]).sum(1)
     (slope,) = torch.autograd.grad(blend[:, 0].sum(), x, create_graph=True)
     torch.testing.assert_close(values, blend.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, slope.detach(), atol=1e-4, rtol=1e-4)
-    up_v, up_g = torch.randn(values.shape), torch.randn(grad.shape)
-    ((values * up_v).sum() + (grad * up_g).sum()).backward()
-    ((blend * up_v).sum() + (slope * up_g).sum()).backward()
+    torch.testing.assert_close(stencil_f, dense.detach()[stencil, 0])
+    up_v, up_g, up_s = torch.randn(values.shape), torch.randn(grad.shape), torch.randn(stencil_f.shape)
+    ((values * up_v).sum() + (grad * up_g).sum() + (stencil_f * up_s).sum()).backward()
+    ((blend * up_v).sum() + (slope * up_g).sum() + (dense[stencil, 0] * up_s).sum()).backward()
     assert field.table.grad.is_sparse
     torch.testing.assert_close(field.table.grad.to_dense(), dense.grad, atol=1e-4, rtol=1e-4)
 
