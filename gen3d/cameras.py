@@ -37,6 +37,12 @@ class Cameras:
         return Cameras(self.c2w, self.fx * factor, self.fy * factor, self.cx * factor, self.cy * factor,
                        self.width * factor, self.height * factor)
 
+    def pixel_size_at(self, point: torch.Tensor) -> float:
+        """The width of one pixel, in world units, at ``point`` [3] (a pixel's angle times the
+        distance), averaged over the cameras."""
+        distance = (self.c2w[:, :3, 3] - point.to(self.c2w)).norm(dim=-1)
+        return float((distance / self.fx).mean())
+
     def rays(self, cam: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """World-space rays through pixel positions (u right, v down, in pixels; +0.5 is a pixel centre)."""
         x = (u - self.cx[cam]) / self.fx[cam]
@@ -114,6 +120,15 @@ class PixelFilter:
         i = torch.searchsorted(cdf, u.clamp(0, 1).contiguous()).clamp(1, len(cdf) - 1)
         t = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-12)
         return x[i - 1] + t * (x[i] - x[i - 1])
+
+    def std(self) -> float:
+        """The standard deviation of the filter's weight along one axis, in pixels: how far it
+        blurs an edge (box of width 1: 0.29; Blackman-Harris at Filter Size 1.5: 0.42)."""
+        if self.kind == "box":
+            return self.width / math.sqrt(12)
+        x = torch.linspace(-self.width, self.width, 4001, dtype=torch.float64)
+        w = blackman_harris(x, 2 * self.width)
+        return float(((w * x * x).sum() / w.sum()).sqrt())
 
     def matrix(self, size: int, supersample: int, device=None) -> torch.Tensor:
         """[size, size * supersample]: each pixel's normalised weights over the sample centres

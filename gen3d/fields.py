@@ -20,7 +20,10 @@ needing something it lacks fails at validation, with one line, before any work.
 
 Optional speed-ups, used when present and computed by sampling otherwise: ``normals(x)`` (exact
 outward normals), ``albedo(x)`` (view-independent colour for vertex colours),
-``cell_max_density(r)`` and ``density_volume(r)``.
+``cell_max_density(r)`` and ``density_volume(r)``. Optional set-ups, called by loops that
+have what they need: ``carve(inside)`` (start from the images' visual hull) and
+``set_image_blur(blur)`` (the training images' edge blur in world units; sdf-grid keeps its
+surface no sharper), both from nerf-reconstruct.
 """
 
 from __future__ import annotations

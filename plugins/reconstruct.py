@@ -91,6 +91,9 @@ class Reconstruct(FieldLoop):
         self.edge_share = float(self.edge_pixels.float().mean())
         if self.data.has_alpha and not run.stage.init_from and hasattr(self.field, "carve"):
             self.field.carve(VisualHull(self.train_views, images[..., 3]))  # a field that can start from a solid
+        if hasattr(self.field, "set_image_blur"):  # a field with a sharpness of its own (sdf-grid)
+            centre = (aabb[:3] + aabb[3:]) / 2
+            self.field.set_image_blur(config.render.filter.std() * self.train_views.pixel_size_at(centre))
         run.log(f"data: {len(self.data.train.names)} train / {len(self.data.test.names)} test views "
                 f"{self.image_size[1]}x{self.image_size[0]}, box {aabb.tolist()}; renderer: {self.renderer.path}")
 

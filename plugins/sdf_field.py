@@ -69,6 +69,11 @@ class SDFGridConfig(GridNeRFConfig):
     init_s: float = 20.0  # NeuS's initial inverse standard deviation (its exp(10 * 0.3))
     s_lr: float = 0.01  # of log s
     s_max: float = 5000.0  # log s is clamped below log(s_max): keeps gradients finite
+    # Where the loop knows the images' blur (nerf-reconstruct: the pixel filter at the object's
+    # distance, see set_image_blur), s stops where the surface's own blur matches it: a sharper
+    # edge than the images' is one that a pixel's few rays cannot integrate, so its silhouette
+    # pixels come out stepped (docs/benchmarks.md, "sdf-grid: s no sharper than the images").
+    match_image_blur: bool = True
     # NeuS's cos annealing: steps over which the slope used by alpha goes from half direction-free
     # (every sample has some density, so gradients reach the back of the start sphere) to the
     # true, occlusion-aware one. 0: true from the start.
@@ -97,6 +102,7 @@ class SDFGrid(GridNeRF):
         super().__init__(config, aabb, step_size)
         self.step_size = float(step_size)
         self.log_s = nn.Parameter(torch.full((1, 1), math.log(config.init_s), device=self.table.device))
+        self.s_limit = float(config.s_max)  # lowered by set_image_blur
         self.cos_anneal = 1.0 if config.cos_anneal_steps == 0 else 0.0
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (gradients, cells)
         with torch.no_grad():
@@ -128,9 +134,17 @@ class SDFGrid(GridNeRF):
         sdf = ndimage.gaussian_filter(np.where(solid, half - depth, outside - half), sigma=1.0)
         self.table[:, 0] = torch.from_numpy(sdf.reshape(-1)).to(self.table)
 
+    def set_image_blur(self, blur: float) -> None:
+        """The training images blur every edge by ``blur`` world units (the standard deviation of
+        their pixel filter at the object's distance). NeuS's density makes a silhouette whose
+        opacity falls off as the logistic sigmoid(-s * distance), of standard deviation
+        pi / (sqrt(3) s); with ``match_image_blur`` s is held where that equals ``blur``."""
+        if self.config.match_image_blur and blur > 0:
+            self.s_limit = min(float(self.config.s_max), math.pi / (math.sqrt(3) * blur))
+
     @property
     def s(self) -> torch.Tensor:
-        return self.log_s.clamp(max=math.log(self.config.s_max)).exp()[0, 0]
+        return self.log_s.clamp(max=math.log(self.s_limit)).exp()[0, 0]
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -264,12 +278,14 @@ class SDFGrid(GridNeRF):
         return True
 
     def state_dict_plain(self) -> dict:
-        return {**super().state_dict_plain(), "log_s": self.log_s.detach(), "cos_anneal": float(self.cos_anneal)}
+        return {**super().state_dict_plain(), "log_s": self.log_s.detach(), "cos_anneal": float(self.cos_anneal),
+                "s_limit": self.s_limit}
 
     def load_state_dict_plain(self, state: dict) -> None:
         super().load_state_dict_plain(state)
         self.log_s = nn.Parameter(state["log_s"].to(self.table.device).float().clone().reshape(1, 1))
         self.cos_anneal = float(state.get("cos_anneal", 1.0))
+        self.s_limit = float(state.get("s_limit", self.config.s_max))  # saved before the limit existed: none
 
 
 class TrilinearWithGradient(torch.autograd.Function):

@@ -126,6 +126,51 @@ def test_neus_alpha_through_a_plane_is_unbiased():
         assert (depth - 3.0).abs().max() < (STEP / 2 if s > 100 else 0.05), (s, depth)  # the plane is 3 away
 
 
+@pytest.mark.parametrize("limited", [True, False])
+def test_silhouette_blur_follows_the_image_blur(limited):
+    """Rays passing a sphere's rim at distance delta (outside > 0) see opacity sigmoid(-s delta):
+    the silhouette's blur (the std of d opacity / d delta) is pi / (sqrt(3) s). set_image_blur
+    holds s where that blur is the images' own; without the limit a sharp s makes a far
+    sharper edge than the images have (which is what the unlimited case checks)."""
+    blur = 0.02
+    field = sphere_field(64, 0.5, init_s=20.0, match_image_blur=limited).eval()
+    field.set_image_blur(blur)
+    with torch.no_grad():
+        field.log_s.fill_(math.log(2000.0))  # as if training had pushed s far up
+    delta = torch.linspace(-0.12, 0.12, 241)
+    origins = torch.stack([0.5 + delta, torch.zeros_like(delta), torch.full_like(delta, 3.0)], dim=1)
+    dirs = torch.tensor([0.0, 0.0, -1.0]).expand(len(delta), 3)
+    renderer = VolumeRenderer(BOX.clone(), RenderSettings(), step_size=STEP / 4)
+    with torch.no_grad():
+        opacity = torch.stack([renderer.render(field, origins, dirs, torch.zeros(3), offset=(k + 0.5) / 8).opacity
+                               for k in range(8)]).mean(0)
+    density = -(opacity[1:] - opacity[:-1])  # the edge profile's derivative over delta
+    middle = (delta[1:] + delta[:-1]) / 2
+    mean = (density * middle).sum() / density.sum()
+    std = float(((density * (middle - mean) ** 2).sum() / density.sum()).sqrt())
+    assert float(opacity[0]) > 0.99 and float(opacity[-1]) < 0.01
+    if limited:
+        assert field.s_limit == pytest.approx(math.pi / (math.sqrt(3) * blur))
+        assert std == pytest.approx(blur, rel=0.15), std
+    else:
+        assert field.s_limit == field.config.s_max and std < blur / 3, std
+
+
+def test_pixel_filter_std_and_pixel_size():
+    from gen3d.cameras import Cameras, PixelFilter
+
+    for kind, width in (("box", 1.0), ("blackman-harris", 1.5)):
+        f = PixelFilter(kind, width)
+        offsets = f.offsets((torch.arange(20000, dtype=torch.float64) + 0.5) / 20000)  # equal-weight positions
+        assert f.std() == pytest.approx(float(offsets.std()), rel=1e-3)
+    assert PixelFilter("blackman-harris", 1.5).std() == pytest.approx(0.4155, abs=1e-3)
+    c2w = torch.eye(4).expand(2, 4, 4).clone()
+    c2w[0, :3, 3] = torch.tensor([0.0, 0.0, 4.0])
+    c2w[1, :3, 3] = torch.tensor([0.0, 2.0, 0.0])
+    cams = Cameras(c2w, torch.tensor([100.0, 50.0]), torch.tensor([100.0, 50.0]), torch.zeros(2), torch.zeros(2), 64, 64)
+    assert cams.pixel_size_at(torch.zeros(3)) == pytest.approx((4 / 100 + 2 / 50) / 2)
+
+
 def test_density_bound_covers_every_direction():
     field = sphere_field(32, 0.5, init_s=60.0)
     x = shell_points(3000, 0.3, 0.8)
@@ -153,6 +198,9 @@ def test_sdf_state_round_trip_keeps_s(tmp_path):
     assert float(other.s.detach()) == pytest.approx(123.0, rel=1e-5)
     torch.testing.assert_close(other.table, field.table)
     assert other.cos_anneal == field.cos_anneal
+    field.set_image_blur(0.01)  # the limit travels with the state (a later stage renders with it)
+    other.load_state_dict_plain(field.state_dict_plain())
+    assert other.s_limit == field.s_limit < field.config.s_max
     optimizer = other.make_optimizer()  # s has its own learning rate in its own group
     assert [g["params"][0] is other.log_s for g in optimizer.param_groups] == [False, True]
 
