@@ -189,3 +189,30 @@ def sdf_sign_loss(sdf: torch.Tensor, edges: torch.Tensor, scale: float) -> torch
     a, b = sdf[edges[:, 0]] / scale, sdf[edges[:, 1]] / scale
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     return bce(a, (b > 0).float()) + bce(b, (a > 0).float())
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals [V, 3] (zero where a vertex has no face)."""
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    face_normals = torch.cross(v1 - v0, v2 - v0, dim=1)  # length: twice the area
+    normals = torch.zeros_like(verts)
+    for k in range(3):
+        normals = normals.index_add(0, faces[:, k], face_normals)
+    return torch.nn.functional.normalize(normals, dim=1)
+
+
+def normal_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean squared normal component of the uniform-Laplacian offset: bumps cost, while where a
+    vertex sits along the surface does not (marching tetrahedra place vertices unevenly, and the
+    full Laplacian's pull to even them out moves the surface too)."""
+    if len(faces) == 0:
+        return verts.sum() * 0
+    i = faces.reshape(-1)
+    j = faces.roll(-1, dims=1).reshape(-1)
+    src, dst = torch.cat([i, j]), torch.cat([j, i])
+    total = torch.zeros_like(verts).index_add(0, src, verts[dst])
+    degree = torch.zeros(len(verts), device=verts.device).index_add(0, src, torch.ones_like(src, dtype=verts.dtype))
+    offset = verts - total / degree.clamp_min(1)[:, None]
+    normals = vertex_normals(verts.detach(), faces)
+    return ((offset * normals).sum(dim=1) ** 2).mean()
+

@@ -48,6 +48,7 @@ from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, He
                    ReferenceView, RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles, ViewPrompts,
                    VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors, fill_interior,
                    finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice, laplacian_loss,
+                   normal_laplacian_loss,
                    level_from_silhouettes, linear_to_srgb, load_trained_field, marching_tets, project, quick_psnr,
                    random_views, raster_backend, rasterize, sdf_sign_loss, srgb_to_linear, surface_distances,
                    surface_mesh, surface_of, tet_edges, tet_grid, view_prompts)
@@ -83,6 +84,13 @@ class RefineTrain:
     color_lr: float = 0.02
     mask_weight: float = 1.0  # the antialiased coverage against the images' alpha: the outline
     laplacian_weight: float = 0.1  # smoothness of the mesh (offsets in cells, squared)
+    # What laplacian_weight weighs: "laplacian", each vertex's whole offset from its neighbours'
+    # mean; "normal-laplacian", only the offset's part along the vertex normal (bumps). Marching
+    # tetrahedra space vertices unevenly, and the whole offset's pull to even them out moves the
+    # surface as well: against images it held the mesh away from where they put it. A guidance's
+    # noisier pull needs the whole term (the teacher check in tests/test_guided_refine.py).
+    # "auto": normal-laplacian when images are the only objective, else laplacian.
+    smoothing: Literal["auto", "laplacian", "normal-laplacian"] = "auto"
     sdf_weight: float = 0.01  # nvdiffrec's SDF sign regulariser on the crossed edges
     # Colour differences move the surface too (through where each pixel reads the colour grid);
     # false: only the outline and the regularisers shape it.
@@ -448,7 +456,7 @@ class MeshRefine:
         t = self.config.train
         self._eval_mesh = None
         mesh = self.model.extract()
-        smooth = laplacian_loss(mesh.verts, mesh.faces) / self.model.cell ** 2
+        smooth = self.smoothness(mesh)
         sign = sdf_sign_loss(self.model.signed(), mesh.edges, self.model.cell)
         loss = t.laplacian_weight * smooth + t.sdf_weight * sign
         metrics = {"faces": float(len(mesh.faces))}
@@ -462,6 +470,13 @@ class MeshRefine:
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.item(), **metrics}
+
+    def smoothness(self, mesh: TetMesh) -> torch.Tensor:
+        kind = self.config.train.smoothing
+        if kind == "auto":
+            kind = "laplacian" if self.guidance is not None else "normal-laplacian"
+        offsets = normal_laplacian_loss if kind == "normal-laplacian" else laplacian_loss
+        return offsets(mesh.verts, mesh.faces) / self.model.cell ** 2
 
     def image_loss(self, mesh: TetMesh) -> tuple[torch.Tensor, dict[str, float]]:
         """A few training views: RGB on a random background, and the coverage against the alpha."""

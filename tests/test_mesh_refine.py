@@ -12,7 +12,7 @@ import trimesh
 import yaml
 
 from gen3d import ConfigError, load_recipe, run_recipe
-from gen3d.tets import cube_tets, laplacian_loss, marching_tets, tet_grid
+from gen3d.tets import cube_tets, laplacian_loss, marching_tets, normal_laplacian_loss, tet_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RADIUS = 0.6
@@ -57,16 +57,33 @@ def test_marching_tets_is_differentiable_in_sdf_and_positions():
     assert positions.grad.abs().sum() > 0
 
 
-def test_laplacian_of_a_flat_regular_grid_is_zero_inside():
-    xy = torch.stack(torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij"), -1).reshape(-1, 2)
-    verts = torch.cat([xy, torch.zeros(25, 1)], 1)
-    idx = torch.arange(25).reshape(5, 5)
+def flat_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An n x n lattice of unit squares' corners in the plane z = 0, each square two triangles."""
+    xy = torch.stack(torch.meshgrid(torch.arange(float(n)), torch.arange(float(n)), indexing="ij"), -1).reshape(-1, 2)
+    verts = torch.cat([xy, torch.zeros(n * n, 1)], 1)
+    idx = torch.arange(n * n).reshape(n, n)
     a, b, c, d = idx[:-1, :-1].reshape(-1), idx[1:, :-1].reshape(-1), idx[1:, 1:].reshape(-1), idx[:-1, 1:].reshape(-1)
-    faces = torch.cat([torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)])
+    return verts, torch.cat([torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)])
+
+
+def test_laplacian_of_a_flat_regular_grid_is_zero_inside():
+    verts, faces = flat_grid(5)
     assert float(laplacian_loss(verts, faces)) > 0  # the border pulls inwards
     bumped = verts.clone()
     bumped[12, 2] = 1.0
     assert float(laplacian_loss(bumped, faces)) > float(laplacian_loss(verts, faces))
+
+
+def test_normal_smoothing_ignores_where_vertices_sit_along_the_surface():
+    """Marching tetrahedra place vertices unevenly: the normal Laplacian leaves that alone (the
+    whole Laplacian does not, and evening it out moves the surface), and a bump costs in both."""
+    flat, faces = flat_grid(7)
+    uneven = flat.clone()
+    uneven[:, :2] += 0.3 * torch.rand(49, 2, generator=torch.Generator().manual_seed(0))
+    bumped = flat.clone()
+    bumped[24, 2] = 0.5
+    assert float(normal_laplacian_loss(uneven, faces)) < 1e-12 < float(normal_laplacian_loss(bumped, faces))
+    assert float(laplacian_loss(uneven, faces)) > float(laplacian_loss(flat, faces))
 
 
 def tiny_refine_recipe(small_dataset, tmp_path, refine_steps=60, **refine):
