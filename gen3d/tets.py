@@ -167,17 +167,21 @@ def _wind_outwards(faces, face_tet, verts, positions, tets, inside_t) -> torch.T
     return torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
 
 
-def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Mean squared uniform-Laplacian offset |v - mean(neighbours)|^2 over the mesh's vertices."""
-    if len(faces) == 0:
-        return verts.sum() * 0
+def laplacian_offsets(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """[V, 3] each vertex's offset from the mean of its neighbours (the uniform Laplacian)."""
     i = faces.reshape(-1)
     j = faces.roll(-1, dims=1).reshape(-1)
     src, dst = torch.cat([i, j]), torch.cat([j, i])  # each edge both ways (twice on a closed mesh: same mean)
     total = torch.zeros_like(verts).index_add(0, src, verts[dst])
     degree = torch.zeros(len(verts), device=verts.device).index_add(0, src, torch.ones_like(src, dtype=verts.dtype))
-    offset = verts - total / degree.clamp_min(1)[:, None]
-    return (offset ** 2).sum(dim=1).mean()
+    return verts - total / degree.clamp_min(1)[:, None]
+
+
+def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean squared uniform-Laplacian offset |v - mean(neighbours)|^2 over the mesh's vertices."""
+    if len(faces) == 0:
+        return verts.sum() * 0
+    return (laplacian_offsets(verts, faces) ** 2).sum(dim=1).mean()
 
 
 def sdf_sign_loss(sdf: torch.Tensor, edges: torch.Tensor, scale: float) -> torch.Tensor:
@@ -204,15 +208,8 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 def normal_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Mean squared normal component of the uniform-Laplacian offset: bumps cost, while where a
     vertex sits along the surface does not (marching tetrahedra place vertices unevenly, and the
-    full Laplacian's pull to even them out moves the surface too)."""
+    whole Laplacian's pull to even them out moves the surface too)."""
     if len(faces) == 0:
         return verts.sum() * 0
-    i = faces.reshape(-1)
-    j = faces.roll(-1, dims=1).reshape(-1)
-    src, dst = torch.cat([i, j]), torch.cat([j, i])
-    total = torch.zeros_like(verts).index_add(0, src, verts[dst])
-    degree = torch.zeros(len(verts), device=verts.device).index_add(0, src, torch.ones_like(src, dtype=verts.dtype))
-    offset = verts - total / degree.clamp_min(1)[:, None]
     normals = vertex_normals(verts.detach(), faces)
-    return ((offset * normals).sum(dim=1) ** 2).mean()
-
+    return ((laplacian_offsets(verts, faces) * normals).sum(dim=1) ** 2).mean()

@@ -48,10 +48,9 @@ from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, He
                    ReferenceView, RenderSettings, StageOutputs, SurfaceField, TetMesh, ViewAngles, ViewPrompts,
                    VolumeRenderer, antialias, chamfer, choice, clip_matrices, edge_neighbors, fill_interior,
                    finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice, laplacian_loss,
-                   normal_laplacian_loss,
-                   level_from_silhouettes, linear_to_srgb, load_trained_field, marching_tets, project, quick_psnr,
-                   random_views, raster_backend, rasterize, sdf_sign_loss, srgb_to_linear, surface_distances,
-                   surface_mesh, surface_of, tet_edges, tet_grid, view_prompts)
+                   level_from_silhouettes, linear_to_srgb, load_trained_field, marching_tets, normal_laplacian_loss,
+                   project, quick_psnr, random_views, raster_backend, rasterize, sdf_sign_loss, srgb_to_linear,
+                   surface_distances, surface_mesh, surface_of, tet_edges, tet_grid, view_prompts)
 from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
 from gen3d_plugins.text_to_3d import CameraSampling, Shading
 
