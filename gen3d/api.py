@@ -38,7 +38,7 @@ from .runs import TrainedField, load_trained_field
 from .specs import Component
 from .texture import MeshTexture, texture_of
 from .tets import (TetEdges, TetGrid, TetMesh, lattice, laplacian_loss, marching_tets, normal_laplacian_loss,
-                   sdf_sign_loss, tet_edges, tet_grid)
+                   sdf_sign_loss, tet_edges, tet_grid, vertex_normals)
 from .training import FieldLoop, FieldTrainer
 
 

@@ -196,13 +196,11 @@ def sdf_sign_loss(sdf: torch.Tensor, edges: torch.Tensor, scale: float) -> torch
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals [V, 3] (zero where a vertex has no face)."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    face_normals = torch.cross(v1 - v0, v2 - v0, dim=1)  # length: twice the area
-    normals = torch.zeros_like(verts)
-    for k in range(3):
-        normals = normals.index_add(0, faces[:, k], face_normals)
-    return torch.nn.functional.normalize(normals, dim=1)
+    """[V, 3] area-weighted vertex normals (unnormalised), differentiable in ``verts``; outward for
+    marching_tets' winding."""
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    face = torch.cross(b - a, c - a, dim=-1)
+    return torch.zeros_like(verts).index_add(0, faces.reshape(-1), face.repeat_interleave(3, dim=0))
 
 
 def normal_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -211,5 +209,5 @@ def normal_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Ten
     whole Laplacian's pull to even them out moves the surface too)."""
     if len(faces) == 0:
         return verts.sum() * 0
-    normals = vertex_normals(verts.detach(), faces)
+    normals = torch.nn.functional.normalize(vertex_normals(verts.detach(), faces), dim=1)
     return ((laplacian_offsets(verts, faces) * normals).sum(dim=1) ** 2).mean()

@@ -50,7 +50,7 @@ from gen3d import (Choice, Component, ConfigError, Gen3DError, GuidanceInput, He
                    finish_mesh, fov_of, hookimpl, interpolate, keep_large_components, lattice, laplacian_loss,
                    level_from_silhouettes, linear_to_srgb, load_trained_field, marching_tets, normal_laplacian_loss,
                    project, quick_psnr, random_views, raster_backend, rasterize, sdf_sign_loss, srgb_to_linear,
-                   surface_distances, surface_mesh, surface_of, tet_edges, tet_grid, view_prompts)
+                   surface_distances, surface_mesh, surface_of, tet_edges, tet_grid, vertex_normals, view_prompts)
 from gen3d_plugins.image_to_3d import ReferenceSettings, camera_at, read_cutout, resize_cutout
 from gen3d_plugins.text_to_3d import CameraSampling, Shading
 
@@ -685,14 +685,6 @@ class MeshRefine:
             radius, fov = self.half_size * sum(c.distance) / 2, sum(c.fov) / 2
         return Orbit(radius, math.radians(fov), max(c.sizes[-1], 64), self.config.turntable_elevation,
                      tuple(self.center.tolist()))
-
-
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """[V, 3] area-weighted vertex normals (unnormalised), differentiable in ``verts``; outward for
-    marching_tets' winding."""
-    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    face = torch.cross(b - a, c - a, dim=-1)
-    return torch.zeros_like(verts).index_add(0, faces.reshape(-1), face.repeat_interleave(3, dim=0))
 
 
 def light_near(offsets: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
